@@ -8,7 +8,10 @@ The networks of FineDiffusion, written out in full:
 3) The Stable Diffusion VAE (an AutoencoderKL with diffusers' key names) and the readers for every
    checkpoint format the project meets (.pt/.bin pickles read with weights_only=True, .safetensors by hand).
 """
+import json
 import math
+import os
+import struct
 
 import numpy as np
 import torch
@@ -78,10 +81,10 @@ class TieredEmbedder(nn.Module):
         self.null_index = num_classes + num_superclasses if null_row else None
         self.embedding_table = nn.Embedding(num_classes + num_superclasses + int(null_row), hidden_size)
         if num_superclasses:
-            parent = num_classes + torch.as_tensor(class_to_superclass, dtype=torch.long)
+            parent = num_classes + torch.as_tensor(class_to_superclass, dtype=torch.long, device="cpu")
             assert parent.shape == (num_classes,) and parent.max() < num_classes + num_superclasses
         else:
-            parent = torch.full((num_classes,), num_classes, dtype=torch.long)
+            parent = torch.full((num_classes,), num_classes, dtype=torch.long, device="cpu")
         self.register_buffer("parent", parent, persistent=False)  # (C,) kept out of the official key set
 
     def replace_by_parent(self, labels):
@@ -275,8 +278,120 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Checkpoint files: safetensors (read and written by hand), torch.load with weights_only=True, strict checks
+
+# safetensors layout: 8-byte little-endian header size, a JSON header
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}},
+# then the raw little-endian tensor bytes; offsets count from the end of the header.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file into {name: tensor} (on the CPU), validating the header against the file."""
+    with open(path, "rb") as f:
+        blob = f.read()
+
+    def corrupt(why):
+        return ValueError(f"{path} is not a valid .safetensors file: {why}")
+
+    if len(blob) < 8:
+        raise corrupt(f"it has {len(blob)} bytes, fewer than the 8-byte header size field (truncated?)")
+    (header_size,) = struct.unpack("<Q", blob[:8])
+    if 8 + header_size > len(blob):
+        raise corrupt(f"the header size field says {header_size} bytes but only {len(blob) - 8} follow (truncated?)")
+    try:
+        header = json.loads(blob[8:8 + header_size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = memoryview(blob)[8 + header_size:]
+
+    tensors, spans = {}, []
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
+              and isinstance(info.get("shape"), list) and all(isinstance(s, int) and s >= 0 for s in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in info["data_offsets"]))
+        if not ok:
+            raise corrupt(f"bad header entry for {name!r}: {info!r} (supported dtypes: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not 0 <= begin <= end <= len(data):
+            raise corrupt(f"{name!r} has data_offsets [{begin}, {end}] outside the {len(data)} data bytes (truncated?)")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise corrupt(f"{name!r} has {end - begin} bytes but shape {shape} of {info['dtype']} needs {nbytes}")
+        spans.append((begin, end, name))
+        # bytearray copies the bytes into a fresh, aligned, writable buffer for the tensor to own
+        tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape) if nbytes \
+            else torch.empty(shape, dtype=dtype)
+    spans.sort()
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise corrupt(f"the data of {prev_name!r} and {name!r} overlap")
+    return tensors
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as a .safetensors file; metadata is an optional {str: str} dict."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = metadata
+    for name, t in tensors.items():
+        if t.dtype not in dtype_names:
+            raise ValueError(f"{name!r}: dtype {t.dtype} cannot be stored in safetensors ({', '.join(SAFETENSORS_DTYPES)})")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for t in tensors.values():  # the raw bytes of each tensor, C order (torch CPUs are little-endian)
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def load_state_dict_file(path):
+    """The contents of a checkpoint file: .safetensors by hand, anything else (.pt/.pth/.bin) by torch.load."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if os.fspath(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_state_dict(model, state_dict, source, where_to_get):
+    """Strict key/shape matching: raise a ValueError naming missing, unexpected and mis-shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in state_dict.items()}
+    problems = {
+        "missing keys": [k for k in expected if k not in found],
+        "unexpected keys": [k for k in found if k not in expected],
+        "mis-shaped keys": [f"{k} (file {found[k]}, model {expected[k]})"
+                            for k in expected if k in found and found[k] != expected[k]],
+    }
+    lines = [f"{kind} ({len(keys)}): " + ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+             for kind, keys in problems.items() if keys]
+    if lines:
+        raise ValueError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(lines) + f"\n{where_to_get}")
+
+
+# -----------------------------------------------------------------------------------------------------------
 # DiT checkpoints: the official .pt files (a raw state dict), training checkpoints (official DiT and
 # FineDiffusion ones, and ours: {"model", "ema", ...}) -> a checked, strict load
+
+
+DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt "
+              "and DiT-XL-2-512x512.pt (github.com/facebookresearch/DiT).")
 
 
 def dit_state_dict(checkpoint):
@@ -321,19 +436,254 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
     own = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items() if not (k == "pos_embed" and v.shape != own[k].shape)}
     state_dict.setdefault("pos_embed", own["pos_embed"])
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not fit this model."]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
-        try:
-            lines.append(f"  the file holds {describe_dit(state_dict)}")
-        except (ValueError, KeyError):
-            pass
-        raise ValueError("\n".join(lines))
+    try:
+        fits = f"The file holds {describe_dit(state_dict)}."
+    except (ValueError, KeyError):
+        fits = "The file is not a DiT checkpoint."
+    check_state_dict(model, state_dict, source, fits + " " + DIT_SOURCE)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The Stable Diffusion VAE. Building blocks named as diffusers' ResnetBlock2D, Attention, UNetMidBlock2D, ...
+
+VAE_NORM_EPS = 1e-6  # GroupNorm eps of the SD VAE
+
+
+class VAEResnetBlock(nn.Module):
+    """Two GroupNorm-SiLU-conv3x3 steps and a residual, 1x1-projected when the channel count changes."""
+    def __init__(self, in_channels, out_channels, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=VAE_NORM_EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=VAE_NORM_EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):  # (N, C_in, H, W) -> (N, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions, GroupNorm in front, residual around."""
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=VAE_NORM_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # ".0" in the key names: diffusers' slot 1 is a dropout
+
+    def forward(self, x):  # (N, C, H, W)
+        N, C, H, W = x.shape
+        h = self.group_norm(x).reshape(N, C, H * W).transpose(1, 2)  # (N, HW, C)
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # softmax(QK^T/sqrt(C))V
+        return x + self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    """ResNet block, self-attention, ResNet block at the lowest resolution."""
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups) for _ in range(2)])
+
+    def forward(self, x):  # (N, C, h, w)
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEDownsample(nn.Module):
+    """Stride-2 3x3 conv after padding only right and bottom by one: (H, W) -> (H/2, W/2)."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class VAEUpsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv: (h, w) -> (2h, 2w)."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class VAEDownBlock(nn.Module):
+    """One encoder resolution level (diffusers' DownEncoderBlock2D): ResNet blocks, then optionally downsampling."""
+    def __init__(self, in_channels, out_channels, num_resnets, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([VAEDownsample(out_channels)]) if downsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class VAEUpBlock(nn.Module):
+    """One decoder resolution level (diffusers' UpDecoderBlock2D): ResNet blocks, then optionally upsampling."""
+    def __init__(self, in_channels, out_channels, num_resnets, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([VAEUpsample(out_channels)]) if upsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+# AutoencoderKL: encoder -> q(z|x) = N(mean, std^2); decoder z -> x
+
+class VAEEncoder(nn.Module):
+    """Image (N, in, H, W) -> Gaussian moments (N, 2*latent, H/f, W/f), f = 2^(levels-1)."""
+    def __init__(self, in_channels, block_out_channels, layers_per_block, latent_channels, groups):
+        super().__init__()
+        chans, levels = block_out_channels, len(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            VAEDownBlock(chans[max(i - 1, 0)], chans[i], layers_per_block, groups, downsample=i < levels - 1)
+            for i in range(levels)])
+        self.mid_block = VAEMidBlock(chans[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * latent_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class VAEDecoder(nn.Module):
+    """Latent (N, latent, h, w) -> image (N, out, h*f, w*f); each level has one ResNet block more than the encoder's."""
+    def __init__(self, out_channels, block_out_channels, layers_per_block, latent_channels, groups):
+        super().__init__()
+        chans, levels = block_out_channels[::-1], len(block_out_channels)  # widest first
+        self.conv_in = nn.Conv2d(latent_channels, chans[0], 3, padding=1)
+        self.up_blocks = nn.ModuleList([
+            VAEUpBlock(chans[max(i - 1, 0)], chans[i], layers_per_block + 1, groups, upsample=i < levels - 1)
+            for i in range(levels)])
+        self.mid_block = VAEMidBlock(chans[0], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)
+        self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, diag(std^2)) given by the encoder's moments (N, 2*latent, h, w)."""
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)  # as diffusers: keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        # z = mean + std * eps, eps ~ N(0, I): the reparameterization trick (Kingma & Welling 2014, Sec. 2.4);
+        # eps is drawn on the generator's device so a seed gives the same z on any device
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                          device=generator.device if generator is not None else self.mean.device)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+
+class AutoencoderKL(nn.Module):
+    """The KL-regularized autoencoder of latent diffusion (Rombach et al. 2022); defaults are the SD VAE's."""
+    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 latent_channels=4, norm_num_groups=32, scaling_factor=0.18215):
+        super().__init__()
+        # diffusion models see z * scaling_factor, which has roughly unit variance (LDM's scale_factor)
+        self.scaling_factor = scaling_factor
+        self.encoder = VAEEncoder(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
+        self.decoder = VAEDecoder(out_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    @classmethod
+    def from_config(cls, config):
+        """Build from a diffusers config.json dict; fields this architecture does not vary are checked, not used."""
+        plain = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+        for field, block in plain.items():
+            if any(t != block for t in config.get(field, [])):
+                raise ValueError(f"unsupported VAE {field} {config[field]}: only {block} is implemented")
+        if config.get("act_fn", "silu") != "silu":
+            raise ValueError(f"unsupported VAE act_fn {config['act_fn']!r}: only silu is implemented")
+        fields = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                  "norm_num_groups", "scaling_factor")
+        return cls(**{k: config[k] for k in fields if k in config})
+
+    def encode(self, x):  # (N, 3, H, W) in [-1, 1] -> q(z|x) over (N, latent, H/8, W/8) for the SD VAE
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):  # unscaled latent (N, latent, h, w) -> image (N, 3, 8h, 8w), about [-1, 1]
+        return self.decoder(self.post_quant_conv(z))
+
+
+# Loading the SD VAE (sd-vae-ft-ema / sd-vae-ft-mse) from diffusers files
+
+SD_VAE_SOURCE = ("Get the Stable Diffusion VAE from https://huggingface.co/stabilityai/sd-vae-ft-ema or "
+                 "https://huggingface.co/stabilityai/sd-vae-ft-mse: the diffusion_pytorch_model.safetensors file "
+                 "(or diffusion_pytorch_model.bin), with its config.json beside it.")
+# older diffusers checkpoints name the attention projections query/key/value/proj_attn
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def rename_legacy_vae_keys(state_dict):
+    """Map old attention parameter names (`...attentions.0.query.weight`) to current ones (`...to_q.weight`)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if "attentions" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION_NAMES:
+            parts[-2] = LEGACY_ATTENTION_NAMES[parts[-2]]
+        renamed[".".join(parts)] = value
+    return renamed
+
+
+def load_vae_state_dict(vae, state_dict, source="state dict"):
+    """Load diffusers VAE weights (current or legacy attention names) with strict key and shape checks."""
+    state_dict = rename_legacy_vae_keys(state_dict)
+    check_state_dict(vae, state_dict, source, SD_VAE_SOURCE)
+    vae.load_state_dict(state_dict, assign=vae.encoder.conv_in.weight.is_meta)  # meta model: take the file's tensors
+    return vae
+
+
+def load_vae(path, device="cpu"):
+    """The VAE from a diffusers folder or its weights file (.safetensors/.bin); a config.json beside them sets the
+    architecture (SD defaults otherwise). Returns a float32 model in eval mode."""
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        weights = next((c for c in candidates if os.path.isfile(c)), None)
+        if weights is None:
+            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {path}. {SD_VAE_SOURCE}")
+    elif os.path.isfile(path):
+        weights = path
+    else:
+        raise FileNotFoundError(f"no VAE at {path}. {SD_VAE_SOURCE}")
+    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    state_dict = load_state_dict_file(weights)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{weights} does not hold a state dict. {SD_VAE_SOURCE}")
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        vae = AutoencoderKL.from_config(config)
+    load_vae_state_dict(vae, state_dict, source=weights)
+    return vae.to(device=device, dtype=torch.float32).eval()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DIT_CONFIGS, DiT, TieredEmbedder
+from model import DIT_CONFIGS, DiT, TieredEmbedder, load_dit_weights
 
 METHODS = ("full", "bitfit", "difffit", "finediffusion", "lora", "diffscaler")
 # FineDiffusion trains at the pre-training lr; DiffFit (Table 4d) finds 10x best for parameter-efficient methods.
@@ -238,28 +238,29 @@ def base_fingerprint(model):
     return dict(n_params=sum(p.numel() for p in model.parameters() if p.dim() > 1), sha256=digest.hexdigest()[:16])
 
 
-def load_delta(base_model, delta):
+def rebuild(checkpoint, base_state_dict=None, weights="ema"):
     """
-    Rebuild a fine-tuned model: `base_model` has the base checkpoint's weights, `delta` is the dict saved by
-    train.py (or `make_delta`): method, options, base fingerprint and the trained tensors under "ema"/"model".
+    The fine-tuned model a checkpoint of train.py describes: DiT(**model_config), the base checkpoint's weights
+    (checked against the fingerprint taken at training time), prepare(method), then the trained tensors.
+    Full fine-tuning trains everything, so its checkpoints need no base.
     """
-    found = base_fingerprint(base_model)
-    if found != delta["base"]:
-        raise ValueError(f"this delta was trained on another base checkpoint (expected {delta['base']}, the given "
-                         f"base is {found}); pass the base it names with --base")
-    model = prepare(base_model, delta["method"], **delta["method_options"])
-    weights = delta["ema"] if "ema" in delta else delta["model"]
-    expected = set(trainable_state_dict(model))
-    if set(weights) != expected:
-        raise ValueError(f"delta tensors do not match method {delta['method']}: missing "
-                         f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
-    model.load_state_dict(weights, strict=False)
+    model = DiT(**checkpoint["model_config"])
+    if checkpoint["base"] is not None:
+        if base_state_dict is None:
+            raise ValueError(f"this {checkpoint['method']} checkpoint holds only what it trained; it needs its base "
+                             f"checkpoint {checkpoint['base'].get('path')!r} (pass it with --base)")
+        load_dit_weights(model, base_state_dict, source="the base checkpoint")
+        found = base_fingerprint(model)
+        if any(found[k] != checkpoint["base"][k] for k in found):
+            raise ValueError(f"this checkpoint was trained on another base (expected {checkpoint['base']}, the "
+                             f"given base is {found}); pass the base it names with --base")
+    model = prepare(model, checkpoint["method"], **checkpoint["method_options"])
+    tensors, expected = checkpoint[weights], set(trainable_state_dict(model))
+    if set(tensors) != expected:
+        raise ValueError(f"the checkpoint's tensors do not match method {checkpoint['method']}: missing "
+                         f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
+    model.load_state_dict(tensors, strict=False)
     return model
-
-
-def make_delta(model, method, method_options, base, **extra):
-    """The dict a delta checkpoint file holds (torch.save it); `base` is base_fingerprint() of the base."""
-    return dict(method=method, method_options=method_options, base=base, ema=trainable_state_dict(model), **extra)
 
 
 def parameter_table(model_name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11):

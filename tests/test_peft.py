@@ -6,8 +6,7 @@ import torch
 
 from conftest import fixture
 from model import DIT_CONFIGS, DiT
-from peft import (METHODS, base_fingerprint, count_parameters, load_delta, make_delta, merge, parameter_table,
-                  prepare, trainable_state_dict)
+from peft import METHODS, base_fingerprint, merge, parameter_table, prepare, rebuild, trainable_state_dict
 from test_model import dit_from_fixture
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
@@ -136,18 +135,21 @@ def test_delta_round_trip_and_wrong_base():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
-    base_id = base_fingerprint(dit_from_fixture(f))
+    base = dit_from_fixture(f)
+    checkpoint = dict(method="finediffusion", method_options=OPTIONS, base=base_fingerprint(base),
+                      model_config=dict(f["config"], learn_sigma=True), ema=trainable_state_dict(model))
     buffer = io.BytesIO()
-    torch.save(make_delta(model, "finediffusion", OPTIONS, base_id), buffer)
-    delta = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    rebuilt = load_delta(dit_from_fixture(f), delta)
+    torch.save(checkpoint, buffer)
+    checkpoint = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    rebuilt = rebuild(checkpoint, f["state_dict"])
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(f["x"], f["t"], f["y"] % 9), model.eval()(f["x"], f["t"], f["y"] % 9))
-    other = dit_from_fixture(f)
-    with torch.no_grad():
-        other.x_embedder.proj.weight.mul_(2)
-    with pytest.raises(ValueError, match="another base checkpoint"):
-        load_delta(other, delta)
+    other = dict(f["state_dict"])
+    other["x_embedder.proj.weight"] = 2 * other["x_embedder.proj.weight"]
+    with pytest.raises(ValueError, match="another base"):
+        rebuild(checkpoint, other)
+    with pytest.raises(ValueError, match="needs its base"):
+        rebuild(checkpoint)
 
 
 def test_unknown_method_and_missing_hierarchy():

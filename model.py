@@ -20,11 +20,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
-# DiT configurations: name -> (depth, hidden size, patch size, heads). Table 1 of the DiT paper.
+# DiT configurations: name -> (depth, hidden size, patch size, heads). S, B, L, XL: Table 1 of the DiT paper;
+# T (tiny) is ours, for the CPU toy runs.
 
 DIT_CONFIGS = {
     f"DiT-{size}/{patch}": dict(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads)
-    for size, (depth, hidden, heads) in {"S": (12, 384, 6), "B": (12, 768, 12),
+    for size, (depth, hidden, heads) in {"T": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12),
                                          "L": (24, 1024, 16), "XL": (28, 1152, 16)}.items()
     for patch in (2, 4, 8)
 }
@@ -413,6 +414,7 @@ def dit_config_from_state_dict(state_dict):
                  == (depth, hidden, patch)), None)
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     return dict(model=name, depth=depth, hidden_size=hidden, patch_size=patch, in_channels=in_channels,
+                num_heads=DIT_CONFIGS[name]["num_heads"] if name else None,
                 input_size=int(state_dict["pos_embed"].shape[1] ** 0.5) * patch, learn_sigma=out == 2 * in_channels,
                 table_rows=state_dict["y_embedder.embedding_table.weight"].shape[0],
                 norm_affine="blocks.0.norm1.weight" in state_dict)

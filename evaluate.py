@@ -1,0 +1,850 @@
+"""
+The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with torch, numpy and pillow:
+
+1) FID (Heusel et al., 2017) with pytorch-fid's FID Inception network (the port of the TensorFlow graph that
+   loads `pt_inception-2015-12-05-6726825d.pth`), overall and per superclass: Table 1's FID columns.
+2) LPIPS diversity (Zhang et al., 2018): LPIPS v0.1 (AlexNet) averaged over pairs of samples of the same class,
+   overall and per superclass: Table 1's LPIPS columns.
+3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
+4) The parameter / training-cost table (Table 2).
+
+    python evaluate.py ref-stats --ref /data/inat_val --out ref256.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
+    python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
+    python evaluate.py table r.json                       # Table 1 as markdown
+    python evaluate.py tsne --checkpoint ckpt.pt --out figure7.png
+"""
+import argparse
+import colorsys
+import json
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from model import check_state_dict
+
+INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
+                    "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
+LPIPS_SOURCE = ("LPIPS v0.1 (alex) is two files: the linear heads `lpips/weights/v0.1/alex.pth` of the lpips package "
+                "(github.com/richzhang/PerceptualSimilarity) and torchvision's AlexNet "
+                "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth; pass both, or one file saved with "
+                "torch.save(lpips.LPIPS(net='alex').state_dict(), path).")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def read_weights(path, where_to_get):
+    """A state dict from a user-given file (tensors only), or an error that says where the file comes from."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}. {where_to_get}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The FID Inception network: Inception-v3 (Szegedy et al., 2016) as in the TensorFlow graph FID was defined
+# with. pytorch-fid's FIDInceptionA/C/E_1 average-pool without counting the padding and FIDInceptionE_2 max-pools
+# in its pool branch; 1008 logits (unused here) sit in the weights file, so they are built to load it strictly.
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3, the TensorFlow value) -> ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_3x3(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # the FID blocks' pool branch
+
+
+class InceptionA(nn.Module):
+    """35x35 block (Mixed_5b..5d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(in_channels, 64, 1)
+        self.branch5x5_1 = ConvBN(in_channels, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_3x3(x))], dim=1)
+
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17 reduction (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = ConvBN(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block (Mixed_6b..6e) with factorized 7x7 convolutions (1x7 and 7x1)."""
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c = channels_7x7
+        self.branch1x1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7_1 = ConvBN(in_channels, c, 1)
+        self.branch7x7_2 = ConvBN(c, c, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(in_channels, c, 1)
+        self.branch7x7dbl_2 = ConvBN(c, c, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c, c, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c, c, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            dbl = conv(dbl)
+        return torch.cat([self.branch1x1(x),
+                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          dbl,
+                          self.branch_pool(avg_pool_3x3(x))], dim=1)
+
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8 reduction (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),
+                          self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))),
+                          F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block (Mixed_7b: average pool, Mixed_7c: max pool) with 1x3 / 3x1 splits."""
+
+    def __init__(self, in_channels, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = ConvBN(in_channels, 320, 1)
+        self.branch3x3_1 = ConvBN(in_channels, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(in_channels, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+                          self.branch_pool(pool)], dim=1)  # (N, 2048, 8, 8)
+
+
+class FIDInceptionV3(nn.Module):
+    """Images (N, 3, H, W) in [0, 1] -> the 2048-d pool3 features FID is computed on."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008 logits: in the weights file, unused by FID
+
+    def forward(self, x):
+        # pytorch-fid with resize_input and normalize_input: bilinear to 299x299, then [0, 1] -> [-1, 1]
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1  # (N, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)  # ... (N, 768, 17, 17) ... (N, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048) pool3
+
+
+def inception_from_state_dict(state_dict, source="the state dict"):
+    """A checked, strict load; half-precision weights are cast to float32, the precision the network runs in."""
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    model = FIDInceptionV3()
+    check_state_dict(model, state_dict, source, INCEPTION_SOURCE)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_inception(path, device="cpu"):
+    return inception_from_state_dict(read_weights(path, INCEPTION_SOURCE), path).to(device)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# LPIPS v0.1 with AlexNet features (Zhang et al., 2018): unit-normalize each layer's activations over channels,
+# square the difference, weight the channels with a learned 1x1 conv, average over space, sum over the 5 layers.
+
+
+class ScalingLayer(nn.Module):
+    """[-1, 1] inputs -> the statistics AlexNet was trained on (constants of LPIPS, stored in its state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+
+    def forward(self, x):
+        return (x - self.shift) / self.scale
+
+
+def numbered(first_index, *layers):
+    """A Sequential whose layers keep their indices in torchvision's AlexNet `features` (the keys say net.sliceK.i)."""
+    return nn.Sequential(OrderedDict((str(first_index + i), layer) for i, layer in enumerate(layers)))
+
+
+class AlexNetFeatures(nn.Module):
+    """torchvision's AlexNet `features`, cut after each ReLU: relu1..relu5 with 64, 192, 384, 256, 256 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.slice1 = numbered(0, nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU())
+        self.slice2 = numbered(2, nn.MaxPool2d(3, stride=2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU())
+        self.slice3 = numbered(5, nn.MaxPool2d(3, stride=2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU())
+        self.slice4 = numbered(8, nn.Conv2d(384, 256, 3, padding=1), nn.ReLU())
+        self.slice5 = numbered(10, nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        features = []
+        for layer in (self.slice1, self.slice2, self.slice3, self.slice4, self.slice5):
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class LinearHead(nn.Module):
+    """Per-channel weights of one layer's squared feature difference (a 1x1 conv to one channel)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))  # index 1: lpips' keys
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class LPIPS(nn.Module):
+    """Two image batches (N, 3, H, W) in [-1, 1] -> their perceptual distances (N,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaling_layer = ScalingLayer()
+        self.net = AlexNetFeatures()
+        heads = [LinearHead(c) for c in (64, 192, 384, 256, 256)]
+        for k, head in enumerate(heads):
+            self.add_module(f"lin{k}", head)
+        self.lins = nn.ModuleList(heads)  # lpips registers each head twice: lin{k} and lins.{k} are one module
+
+    def forward(self, a, b):
+        n = a.shape[0]
+        distance = 0
+        for head, f in zip(self.lins, self.net(self.scaling_layer(torch.cat([a, b])))):
+            f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
+            distance = distance + head((f[:n] - f[n:]).square()).mean(dim=(2, 3))  # (N, 1)
+        return distance[:, 0]
+
+
+ALEXNET_SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision `features.i` -> LPIPS `net.slice{k}.i`
+
+
+def lpips_from_state_dict(state_dict, source="the state dict"):
+    """
+    Assemble LPIPS from what the user has: an LPIPS state dict, the lpips package's lin file (lin0..lin4 only),
+    torchvision's AlexNet (`features.i.*`, `classifier.*`), or a merge of those; then a strict, checked load.
+    """
+    model = LPIPS()
+    merged = {k: v for k, v in model.state_dict().items() if k.startswith("scaling_layer.")}  # fixed constants
+    for key, value in state_dict.items():
+        if key.startswith("classifier."):
+            continue  # AlexNet's classifier is not part of LPIPS
+        if key.startswith("features."):
+            index, rest = key[len("features."):].split(".", 1)
+            key = f"net.slice{ALEXNET_SLICE.get(int(index), '?')}.{index}.{rest}"
+        merged[key] = value
+    for k in range(5):  # fill the second registration of each head from the first
+        names = (f"lin{k}.model.1.weight", f"lins.{k}.model.1.weight")
+        found = [merged[n] for n in names if n in merged]
+        if found:
+            merged.update({n: merged.get(n, found[0]) for n in names})
+    check_state_dict(model, merged, source, LPIPS_SOURCE)
+    model.load_state_dict(merged, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_lpips(paths, device="cpu"):
+    """LPIPS from one combined file or from the lin file plus torchvision's AlexNet file."""
+    state_dict = {}
+    for path in paths:
+        state_dict.update(read_weights(path, LPIPS_SOURCE))
+    return lpips_from_state_dict(state_dict, " + ".join(paths)).to(device)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The Fréchet distance between two Gaussians fitted to Inception features (Heusel et al., 2017):
+#   FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+# S1 S2 has the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace of its square root is
+# the sum of square roots of a symmetric eigendecomposition: no complex parts, fine for rank-deficient S.
+
+
+def feature_stats(features):
+    """(N, D) features -> mean (D,) and covariance (D, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def psd_sqrt(matrix):
+    """The symmetric square root of a covariance; round-off negative eigenvalues are clipped to 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    root1 = psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Image sets. Samples: the ADM-style .npz that sample.py writes (uint8 NHWC `arr_0`, fine `labels`, and when the
+# class hierarchy is known `superclass_labels` (0..S-1), `superclass_names`, `class_names`). References: the same
+# .npz, or a folder tree root/<superclass>/<class>/*.jpg read lazily with ADM's centre crop.
+
+
+def read_class_map(class_map):
+    """
+    The fine -> superclass map: a list (superclass ids, or superclass names), a JSON file holding one, or a JSON
+    object {"class_to_superclass": [...], "superclass_names": [...]} (the hierarchy our checkpoints store).
+    Returns (class_to_superclass (C,) int array, superclass names or None).
+    """
+    if isinstance(class_map, (str, os.PathLike)):
+        with open(class_map) as f:
+            class_map = json.load(f)
+    names = None
+    if isinstance(class_map, dict):
+        class_map, names = class_map["class_to_superclass"], class_map.get("superclass_names")
+    if len(class_map) and isinstance(class_map[0], str):  # names: ids in sorted order, as folder trees list them
+        names = sorted(set(class_map))
+        class_map = [names.index(name) for name in class_map]
+    return np.asarray(class_map, dtype=np.int64), None if names is None else [str(n) for n in names]
+
+
+def read_image_npz(path, class_map=None):
+    """An .npz of images -> dict(images (N, H, W, 3) uint8, labels, superclass_labels, superclass_names,
+    class_names); a missing array is None. A class map given here overrides the file's superclasses.
+    The pixels are read into memory (50,000 samples at 256 px: 9.8 GB)."""
+    with np.load(path) as f:
+        data = {key: f[key] if key in f else None
+                for key in ("labels", "superclass_labels", "superclass_names", "class_names")}
+        data["images"] = f["arr_0"]
+    if data["images"].ndim != 4 or data["images"].shape[-1] != 3 or data["images"].dtype != np.uint8:
+        raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), found {data['images'].dtype} "
+                         f"{data['images'].shape}")
+    if class_map is not None and data["labels"] is not None:  # the map given by the user takes precedence
+        class_to_superclass, names = read_class_map(class_map)
+        data["superclass_labels"] = class_to_superclass[data["labels"]]
+        data["superclass_names"] = names if names is not None else data["superclass_names"]
+    for key in ("superclass_names", "class_names"):
+        data[key] = None if data[key] is None else [str(n) for n in data[key]]
+    return data
+
+
+def read_image_folder(root):
+    """root/<superclass>/<class>/*.jpg -> the same dict as read_image_npz, with image paths instead of pixels."""
+    subdirs = lambda d: sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+    paths, labels, superclass_labels, class_names = [], [], [], []
+    superclass_names = subdirs(root)
+    for s, superclass in enumerate(superclass_names):
+        for name in subdirs(os.path.join(root, superclass)):
+            folder = os.path.join(root, superclass, name)
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+            paths += [os.path.join(folder, f) for f in files]
+            labels += [len(class_names)] * len(files)
+            superclass_labels += [s] * len(files)
+            class_names.append(name)
+    if not paths:
+        raise ValueError(f"no images under {root}: expected root/<superclass>/<class>/*.jpg")
+    return dict(images=paths, labels=np.array(labels), superclass_labels=np.array(superclass_labels),
+                superclass_names=superclass_names, class_names=class_names)
+
+
+def read_image_set(path, class_map=None):
+    return read_image_folder(path) if os.path.isdir(path) else read_image_npz(path, class_map)
+
+
+def center_crop(image, size):
+    """ADM's centre crop: halve with a box filter while possible, bicubic to `size` on the short side, crop."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    pixels = np.asarray(image)
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top:top + size, left:left + size]  # (size, size, 3) uint8
+
+
+def image_batch(images, index, image_size):
+    """Rows `index` of an image set (array, or file paths read at `image_size`) -> (B, 3, H, W) float in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        pixels = images[index]
+    else:
+        pixels = np.stack([center_crop(Image.open(images[i]), image_size) for i in index])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def inception_features(inception, images, batch_size=50, image_size=256, device="cpu"):
+    """An image set -> its (N, 2048) pool3 features, float64."""
+    features = []
+    for start in tqdm(range(0, len(images), batch_size), desc="inception features"):
+        index = np.arange(start, min(start + batch_size, len(images)))
+        features.append(inception(image_batch(images, index, image_size).to(device)).double().cpu())
+    return torch.cat(features).numpy()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# FID overall and per superclass (Table 1). Statistics are kept as {name: (mu, sigma)}, "overall" first, and
+# cached in an .npz: names (K,), mu (K, D), sigma (K, D, D).
+
+
+def set_statistics(features, superclass_labels=None, superclass_names=None):
+    """Features of an image set -> {"overall": (mu, sigma), superclass name: (mu, sigma), ...}."""
+    stats = {"overall": feature_stats(features)}
+    if superclass_labels is not None:
+        for s in np.unique(superclass_labels):
+            rows = superclass_labels == s
+            if rows.sum() >= 2:  # a covariance needs two samples
+                name = superclass_names[s] if superclass_names is not None else f"superclass {s}"
+                stats[name] = feature_stats(features[rows])
+    return stats
+
+
+def save_statistics(path, stats):
+    np.savez(path, names=np.array(list(stats)), mu=np.stack([mu for mu, _ in stats.values()]),
+             sigma=np.stack([sigma for _, sigma in stats.values()]))
+
+
+def load_statistics(path):
+    with np.load(path) as f:
+        return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
+
+
+def is_statistics_file(path):
+    if not (os.path.isfile(path) and str(path).endswith(".npz")):
+        return False
+    with np.load(path) as f:
+        return "mu" in f and "sigma" in f
+
+
+def fid_by_superclass(sample_stats, reference_stats):
+    """{name: FID} for "overall" and every superclass both sets have."""
+    return {name: frechet_distance(*sample_stats[name], *reference_stats[name])
+            for name in sample_stats if name in reference_stats}
+
+
+def image_set_statistics(path, inception, class_map=None, batch_size=50, image_size=256, device="cpu"):
+    images = read_image_set(path, class_map)
+    features = inception_features(inception, images["images"], batch_size, image_size, device)
+    return set_statistics(features, images["superclass_labels"], images["superclass_names"])
+
+
+def reference_statistics(ref, inception, cache=None, **options):
+    """Reference statistics from a stats .npz, the cache, or (computed once, then cached) an image set."""
+    if is_statistics_file(ref):
+        return load_statistics(ref)
+    if cache and os.path.isfile(cache):
+        return load_statistics(cache)
+    stats = image_set_statistics(ref, inception, **options)
+    if cache:
+        save_statistics(cache, stats)
+    return stats
+
+
+# -----------------------------------------------------------------------------------------------------------
+# LPIPS diversity: the mean LPIPS distance between two samples of the same class (Table 1; higher = more diverse)
+
+
+def same_class_pairs(labels, pairs_per_class=10, seed=0):
+    """(P, 2) index pairs i < j with labels[i] == labels[j]; at most `pairs_per_class` per class, drawn at random."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        i, j = np.triu_indices(len(members), k=1)
+        if len(i) > pairs_per_class:
+            keep = np.sort(rng.choice(len(i), pairs_per_class, replace=False))
+            i, j = i[keep], j[keep]
+        pairs.append(np.stack([members[i], members[j]], axis=1))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+
+
+@torch.no_grad()
+def lpips_diversity(lpips, images, labels, superclass_labels=None, superclass_names=None, pairs_per_class=10,
+                    batch_size=50, seed=0, device="cpu"):
+    """uint8 images (N, H, W, 3) -> {"overall": mean LPIPS over same-class pairs, superclass: mean over its pairs}."""
+    pairs = same_class_pairs(labels, pairs_per_class, seed)
+    if len(pairs) == 0:
+        raise ValueError("LPIPS diversity needs at least two samples of one class")
+    distances = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="LPIPS pairs"):
+        a, b = (image_batch(images, pairs[start:start + batch_size, k], None).to(device) * 2 - 1 for k in (0, 1))
+        distances.append(lpips(a, b).double().cpu())
+    distances = torch.cat(distances).numpy()
+    result = {"overall": float(distances.mean())}
+    if superclass_labels is not None:
+        pair_superclass = superclass_labels[pairs[:, 0]]
+        for s in np.unique(pair_superclass):
+            name = superclass_names[s] if superclass_names is not None else f"superclass {s}"
+            result[name] = float(distances[pair_superclass == s].mean())
+    return result
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Exact t-SNE (van der Maaten & Hinton, 2008): Gaussian neighbourhoods of a given perplexity in the input,
+# a Student-t kernel in 2-D, KL(P || Q) minimized by gradient descent with momentum, per-coordinate gains and
+# early exaggeration. Every pair is used: 10,011 labels take 0.8 GB per N x N float64 matrix and about 1 s per
+# iteration on 2 CPU cores (run it on a GPU with --device cuda).
+
+
+def conditional_probabilities(sq_distances, perplexity, steps=200, tolerance=1e-6):
+    """p_{j|i} with each row's Gaussian precision found by bisection so that its entropy is log(perplexity)."""
+    n = sq_distances.shape[0]
+    others = ~torch.eye(n, dtype=torch.bool, device=sq_distances.device)
+    d = sq_distances - sq_distances.masked_fill(~others, math.inf).min(dim=1, keepdim=True).values  # stability
+    beta = torch.ones(n, 1, dtype=d.dtype, device=d.device)  # precision 1 / (2 sigma_i^2)
+    lo, hi = torch.zeros_like(beta), torch.full_like(beta, math.inf)
+    for _ in range(steps):
+        p = torch.where(others, torch.exp(-d * beta), 0)  # (N, N)
+        total = p.sum(dim=1, keepdim=True)
+        entropy = total.log() + beta * (d * p).sum(dim=1, keepdim=True) / total  # H(P_i) in nats
+        if (entropy - math.log(perplexity)).abs().max() < tolerance:
+            break
+        too_flat = entropy > math.log(perplexity)  # too many neighbours: sharpen
+        lo, hi = torch.where(too_flat, beta, lo), torch.where(too_flat, hi, beta)
+        beta = torch.where(too_flat, torch.where(hi.isinf(), beta * 2, (beta + hi) / 2), (beta + lo) / 2)
+    return p / total
+
+
+def tsne(x, perplexity=30.0, iterations=1000, learning_rate=None, exaggeration=12.0, exaggeration_steps=250,
+         seed=0, device="cpu", progress=True):
+    """(N, D) points -> (N, 2) embedding, deterministic given the seed."""
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
+    n = x.shape[0]
+    sq_distances = torch.cdist(x, x).square()
+    p = conditional_probabilities(sq_distances, min(perplexity, (n - 1) / 3))
+    p = ((p + p.T) / (2 * n)).clamp_min(1e-12)  # symmetric joint probabilities p_ij (Sec. 3.1)
+    generator = torch.Generator().manual_seed(seed)
+    y = (1e-4 * torch.randn(n, 2, generator=generator, dtype=torch.float64)).to(device)
+    update, gains = torch.zeros_like(y), torch.ones_like(y)
+    learning_rate = learning_rate or max(n / exaggeration, 50.0)  # Belkina et al. (2019); large steps eject points
+    for step in tqdm(range(iterations), desc="t-SNE", disable=not progress):
+        kernel = torch.cdist(y, y).square_().add_(1).reciprocal_()  # Student-t, one degree of freedom (Eq. 4)
+        kernel.fill_diagonal_(0)
+        q = (kernel / kernel.sum()).clamp_min_(1e-12)
+        alpha = exaggeration if step < exaggeration_steps else 1.0  # early exaggeration
+        w = q.neg_().add_(p, alpha=alpha).mul_(kernel)  # (alpha p_ij - q_ij) k_ij
+        grad = 4 * (w.sum(dim=1, keepdim=True) * y - w @ y)  # dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j) k_ij (Eq. 5)
+        gains = torch.where((grad > 0) != (update > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
+        momentum = 0.5 if step < exaggeration_steps else 0.8
+        update = momentum * update - learning_rate * gains * grad
+        y = y + update
+        y = y - y.mean(dim=0)
+    return y.cpu().numpy()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Figure 7: the t-SNE of the label table. Fine classes as dots, the mean of each superclass's fine embeddings as
+# a star, the superclass embedding as a cross. The means are embedded jointly with the rows (t-SNE places no
+# new points afterwards), so how central they land is what the figure shows.
+
+
+CHECKPOINT_HINT = ("Pass a training checkpoint of train.py, an official FineDiffusion checkpoint, or a state dict "
+                   "holding y_embedder.embedding_table.weight.")
+
+
+def label_table(checkpoint, source="the checkpoint"):
+    """The TieredEmbedder's table (rows, D) from a loaded checkpoint: a raw state dict or one under "ema"/"model"."""
+    for key in ("ema", "model"):
+        if isinstance(checkpoint.get(key), dict) and "y_embedder.embedding_table.weight" in checkpoint[key]:
+            checkpoint = checkpoint[key]
+            break
+    if "y_embedder.embedding_table.weight" not in checkpoint:
+        raise KeyError(f"{source} holds no y_embedder.embedding_table.weight (top-level keys: {list(checkpoint)[:8]}), "
+                       f"raw or under 'ema' / 'model'. {CHECKPOINT_HINT}")
+    return checkpoint["y_embedder.embedding_table.weight"].float()
+
+
+def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_options):
+    """Rows [fine C | superclass S | (null)] -> 2-D positions of the fine rows, superclass means, superclass rows."""
+    table = torch.as_tensor(table, dtype=torch.float64)
+    c = len(class_to_superclass)
+    fine, superclass = table[:c], table[c:c + num_superclasses]  # a trailing null row is not part of Figure 7
+    members = torch.as_tensor(class_to_superclass)[None, :] == torch.arange(num_superclasses)[:, None]  # (S, C)
+    means = (members.double() @ fine) / members.sum(dim=1, keepdim=True)
+    y = tsne(torch.cat([fine, means, superclass]).numpy(), **tsne_options)
+    return y[:c], y[c:c + num_superclasses], y[c + num_superclasses:]
+
+
+def superclass_colors(count):
+    """Distinct colours: hues spread evenly, alternating value so neighbouring hues stay apart."""
+    return [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / count, 0.8, 0.95 if i % 2 else 0.7))
+            for i in range(count)]
+
+
+def star(center, radius):
+    """The 10 vertices of a five-pointed star."""
+    return [(center[0] + r * math.sin(k * math.pi / 5), center[1] - r * math.cos(k * math.pi / 5))
+            for k, r in enumerate([radius, radius * 0.4] * 5)]
+
+
+def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclass_names, path, size=(1400, 1000),
+                 title="t-SNE of label embeddings"):
+    """Draw the embedding as a PNG: the plot on the left, a legend on the right."""
+    width, height = size
+    font_px = max(12, height // 60)
+    font = ImageFont.load_default(size=font_px)
+    legend_width, margin = width // 4, 30
+    points = np.concatenate([fine_xy, mean_xy, superclass_xy])
+    lo, span = points.min(axis=0), np.ptp(points, axis=0).clip(min=1e-12)
+    scale = min((width - legend_width - 2 * margin) / span[0], (height - 3 * margin) / span[1])  # keep aspect
+    to_pixels = lambda xy: [(margin + (x - lo[0]) * scale, 2 * margin + (y - lo[1]) * scale) for x, y in xy]
+    colors = superclass_colors(len(superclass_names))
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, margin // 2), title, fill="black", font=font)
+    r = max(1.5, min(5.0, 150 / math.sqrt(len(fine_xy))))  # dots shrink as classes grow in number
+    for (x, y), s in zip(to_pixels(fine_xy), class_to_superclass):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colors[s])
+    marker = 4 * r + 4
+    for s, (center, cross) in enumerate(zip(to_pixels(mean_xy), to_pixels(superclass_xy))):
+        draw.polygon(star(center, marker), fill=colors[s], outline="black")
+        for w, fill in ((7, "black"), (3, colors[s])):  # a black-edged "+"
+            draw.line([cross[0] - marker, cross[1], cross[0] + marker, cross[1]], fill=fill, width=w)
+            draw.line([cross[0], cross[1] - marker, cross[0], cross[1] + marker], fill=fill, width=w)
+    # legend: one colour per superclass, then the three markers
+    x0, line = width - legend_width + margin // 2, font_px + 8
+    for s, name in enumerate(superclass_names):
+        y = 2 * margin + s * line
+        draw.rectangle([x0, y, x0 + font_px, y + font_px], fill=colors[s])
+        draw.text((x0 + font_px + 8, y), name, fill="black", font=font)
+    y = 2 * margin + (len(superclass_names) + 1) * line
+    c = (x0 + font_px / 2, y + font_px / 2)
+    draw.ellipse([c[0] - 4, c[1] - 4, c[0] + 4, c[1] + 4], fill="gray")
+    draw.polygon(star((c[0], c[1] + line), font_px / 2 + 2), fill="gray", outline="black")
+    draw.line([c[0] - 8, c[1] + 2 * line, c[0] + 8, c[1] + 2 * line], fill="black", width=3)
+    draw.line([c[0], c[1] + 2 * line - 8, c[0], c[1] + 2 * line + 8], fill="black", width=3)
+    for k, label in enumerate(["fine class", "mean of its fine classes", "superclass embedding"]):
+        draw.text((x0 + font_px + 8, y + k * line), label, fill="black", font=font)
+    image.save(path)
+    return image
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tables 1 and 2 as markdown
+
+
+def results_table(results):
+    """Table 1: a row per method, FID and LPIPS per superclass, then overall. results: [{"method", "fid", "lpips"}]."""
+    names = list(dict.fromkeys(n for r in results for metric in ("fid", "lpips") for n in r.get(metric, {})
+                               if n != "overall")) + ["overall"]
+    cell = lambda r, metric, name: f"{r[metric][name]:.3f}" if name in r.get(metric, {}) else "–"
+    lines = ["| Method | " + " | ".join(f"{n} FID↓ | {n} LPIPS↑" for n in names) + " |",
+             "|---|" + "---:|" * (2 * len(names))]
+    for r in results:
+        lines.append(f"| {r.get('method', '?')} | "
+                     + " | ".join(f"{cell(r, 'fid', n)} | {cell(r, 'lpips', n)}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def param_table(rows):
+    """
+    Table 2 from dicts with "method", "total", "trainable" and, where known, "delta_mib" (delta checkpoint size),
+    "gpu_hours", "steps_per_s". Training time is relative to the first row (full fine-tuning in the paper).
+    """
+    base_hours = rows[0].get("gpu_hours") if rows else None
+    lines = ["| Method | Params trained (M) | Total (M) | Delta (MiB) | GPU hours | Steps/s | Training time |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        hours = r.get("gpu_hours")
+        relative = f"{hours / base_hours:.3f}×" if hours is not None and base_hours else "–"
+        known = lambda key, fmt: format(r[key], fmt) if r.get(key) is not None else "–"
+        lines.append(f"| {r['method']} | {r['trainable'] / 1e6:.2f} ({100 * r['trainable'] / r['total']:.2f}%) | "
+                     f"{r['total'] / 1e6:.2f} | {known('delta_mib', ',.1f')} | {known('gpu_hours', ',.1f')} | "
+                     f"{known('steps_per_s', '.2f')} | {relative} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def update_results(path, method, metric, values):
+    """Merge one metric of one method into a results JSON (what `table` reads)."""
+    results = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
+    results[metric] = values
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def add_common(p, inception=True):
+        p.add_argument("--device", default=device)
+        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--class-map", default=None, help="fine -> superclass JSON, if the .npz does not hold it")
+        if inception:
+            p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth")
+            p.add_argument("--image-size", type=int, default=256, help="centre-crop size of folder images")
+
+    p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, cached to an .npz")
+    p.add_argument("--ref", required=True, help="folder root/<superclass>/<class>/*.jpg or an images .npz")
+    p.add_argument("--out", required=True)
+    add_common(p)
+    p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
+    p.add_argument("--samples", required=True, help="sample.py's .npz")
+    p.add_argument("--ref", required=True, help="reference statistics .npz, images .npz or image folder")
+    p.add_argument("--ref-cache", default=None, help="where to cache statistics computed from --ref images")
+    add_common(p)
+    p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--lpips-weights", nargs="+", required=True, help="alex.pth + alexnet-owt-7be5be79.pth, or one file")
+    p.add_argument("--pairs-per-class", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p, inception=False)
+    for p in commands.choices["fid"], commands.choices["lpips"]:
+        p.add_argument("--method", default=None, help="row name in Table 1")
+        p.add_argument("--results", default=None, help="JSON to merge the numbers into (read by `table`)")
+    p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
+    p.add_argument("results", nargs="+")
+    p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--class-map", default=None, help="hierarchy JSON; default: the checkpoint's own 'hierarchy'")
+    p.add_argument("--out", default="figure7.png")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"))
+    p.add_argument("--device", default=device)
+    args = parser.parse_args()
+
+    if args.command in ("ref-stats", "fid"):
+        inception = load_inception(args.inception, args.device)
+        options = dict(class_map=args.class_map, batch_size=args.batch_size, image_size=args.image_size,
+                       device=args.device)
+    if args.command == "ref-stats":
+        stats = image_set_statistics(args.ref, inception, **options)
+        save_statistics(args.out, stats)
+        print(f"saved statistics of {', '.join(stats)} to {args.out}")
+    elif args.command == "fid":
+        reference = reference_statistics(args.ref, inception, args.ref_cache, **options)
+        sample_stats = image_set_statistics(args.samples, inception, **options)
+        fids = fid_by_superclass(sample_stats, reference)
+        print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
+        if set(sample_stats) - set(fids):
+            print(f"no reference images for {sorted(set(sample_stats) - set(fids))} (reference has {list(reference)})")
+        if args.results:
+            update_results(args.results, args.method, "fid", fids)
+    elif args.command == "lpips":
+        lpips = load_lpips(args.lpips_weights, args.device)
+        samples = read_image_npz(args.samples, args.class_map)
+        if samples["labels"] is None:
+            raise ValueError(f"{args.samples} has no `labels`: LPIPS diversity pairs samples of the same class")
+        values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
+                                 samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
+                                 args.device)
+        print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
+        if args.results:
+            update_results(args.results, args.method, "lpips", values)
+    elif args.command == "table":
+        results = []
+        for path in args.results:
+            with open(path) as f:
+                results.append(json.load(f))
+        print(results_table(results))
+    elif args.command == "tsne":
+        checkpoint = read_weights(args.checkpoint, CHECKPOINT_HINT)
+        table = label_table(checkpoint, args.checkpoint)
+        hierarchy = args.class_map or checkpoint.get("hierarchy")
+        if hierarchy is None:
+            raise ValueError(f"{args.checkpoint} holds no 'hierarchy': give the class map with --class-map")
+        class_to_superclass, names = read_class_map(hierarchy)
+        num_superclasses = int(class_to_superclass.max()) + 1
+        names = names or [f"superclass {s}" for s in range(num_superclasses)]
+        if table.shape[0] < len(class_to_superclass) + num_superclasses:
+            raise ValueError(f"the label table has {table.shape[0]} rows; the class map needs "
+                             f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows")
+        fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
+                                                       perplexity=args.perplexity, iterations=args.iterations,
+                                                       seed=args.seed, device=args.device)
+        draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, args.out, tuple(args.size),
+                     title=f"t-SNE of label embeddings: {os.path.basename(args.checkpoint)}")
+        print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""
+Images of a class from a trained model, with FineDiffusion's superclass guidance (Eq. 1):
+
+    python sample.py --class 412                      # the newest checkpoint under results/
+    python sample.py --class "Danaus plexippus" --n 16 --ckpt results/003-DiT-XL-2-finediffusion/checkpoints/0200000.pt
+    torchrun --nproc_per_node=8 sample.py --num-samples 50000 --out samples/inat   # PNGs + .npz for evaluate.py
+
+--ckpt takes our training checkpoints (a delta is combined with its base), official DiT-XL/2 files, and
+official FineDiffusion checkpoints (with --hierarchy, their class list).
+"""
+import argparse
+import glob
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from data import Hierarchy
+from diffusion import create_diffusion, sample_ddim, sample_ddpm
+from model import (DIT_CONFIGS, DiT, describe_dit, dit_config_from_state_dict, dit_state_dict, load_dit_weights,
+                   load_state_dict_file, load_vae)
+from peft import merge, rebuild
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--class", dest="cls", default=None, help="class id or name (scientific or common)")
+    p.add_argument("--ckpt", default=None, help="default: the newest checkpoint under results/")
+    p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
+    p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
+    p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
+    p.add_argument("--n", type=int, default=8, help="images of --class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--guidance", default=None, choices=["fine", "cfg", "none"],
+                   help="fine: superclass guidance (default for tiered models); cfg: the null label")
+    p.add_argument("--official-three-channels", action="store_true", help="guide eps channels 0..2 only, as DiT")
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--num-samples", type=int, default=0, help="bulk: this many images over all classes")
+    p.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
+    p.add_argument("--out", default=None, help="the grid PNG, or the folder of a bulk run")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading any checkpoint into (model, hierarchy, vae path)
+
+
+def newest_checkpoint(results_dir="results"):
+    found = glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt"))
+    if not found:
+        raise SystemExit("no checkpoint under results/: train one (README) or pass --ckpt")
+    return max(found, key=os.path.getmtime)
+
+
+def load_model(args):
+    checkpoint = load_state_dict_file(args.ckpt)
+    if "method" in checkpoint:  # ours: rebuild on the base, then fold the method into plain linears
+        base = args.base or (checkpoint["base"] or {}).get("path")
+        model = rebuild(checkpoint, dit_state_dict(load_state_dict_file(base)) if checkpoint["base"] else None)
+        return merge(model), Hierarchy.from_dict(checkpoint["hierarchy"]), args.vae or checkpoint["args"]["vae"]
+    state_dict = dit_state_dict(checkpoint)
+    c = dit_config_from_state_dict(state_dict)
+    if c["model"] is None:
+        raise SystemExit(f"{args.ckpt} is not one of the standard DiT configurations: {describe_dit(state_dict)}")
+    config = dict(input_size=c["input_size"], in_channels=c["in_channels"], learn_sigma=c["learn_sigma"],
+                  norm_affine=c["norm_affine"], **DIT_CONFIGS[c["model"]])
+    if c["norm_affine"]:  # official FineDiffusion: fine rows + superclass rows, no null row
+        if not args.hierarchy:
+            raise SystemExit(f"{args.ckpt} is a FineDiffusion checkpoint ({c['table_rows']} label rows): "
+                             "give its class list with --hierarchy (a JSON written by data.py, or iNat's train_mini.json)")
+        hierarchy = Hierarchy.from_json(args.hierarchy)
+        model = DiT(**config, num_classes=len(hierarchy.class_names), num_superclasses=len(hierarchy.superclass_names),
+                    class_to_superclass=hierarchy.class_to_superclass, null_row=False)
+    else:  # official DiT: ImageNet classes + null row
+        hierarchy = None
+        model = DiT(**config, num_classes=c["table_rows"] - 1)
+    return load_dit_weights(model, state_dict, source=args.ckpt), hierarchy, args.vae
+
+
+def resolve_class(model, hierarchy, cls):
+    """An id or a name -> a fine class id, with the valid range or the closest names when it is not one."""
+    if hierarchy is not None:
+        return hierarchy.lookup(cls)
+    if not str(cls).isdigit() or int(cls) >= model.y_embedder.num_classes:
+        raise SystemExit(f"--class {cls}: this model has no class names; give an id in 0..{model.y_embedder.num_classes - 1}")
+    return int(cls)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def generate(model, vae, labels, args, guidance, progress=True):
+    """(N,) fine labels -> (N, H, W, 3) uint8 images, guided towards the parent (fine) or null (cfg) label."""
+    device = labels.device
+    embedder, n = model.y_embedder, len(labels)
+    size = model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
+    z = torch.randn(n, model.in_channels, size, size, device=device)
+    diffusion = create_diffusion(f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else
+                                 str(args.num_sampling_steps))
+    sampler = sample_ddim if args.sampler == "ddim" else sample_ddpm
+    if guidance == "none":
+        x = sampler(model, z, diffusion, dict(y=labels), progress)
+    else:
+        if guidance == "cfg" and embedder.null_index is None:
+            raise SystemExit("this model has no null label row: use --guidance fine (its superclasses) or none")
+        parent = embedder.parent[labels] if guidance == "fine" else torch.full_like(labels, embedder.null_index)
+        kwargs = dict(y=torch.cat([labels, parent]), cfg_scale=args.cfg_scale,
+                      guided_channels=3 if args.official_three_channels else None)
+        x = sampler(model.forward_with_cfg, torch.cat([z, z]), diffusion, kwargs, progress)[:n]
+    if vae is not None:
+        x = vae.decode(x / vae.scaling_factor)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path):
+    """(N, H, W, 3) uint8 -> one PNG, as square a grid as N allows."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size):
+    """Classes evenly over --num-samples; batch b is seeded by b, so the images do not depend on the world size."""
+    os.makedirs(args.out, exist_ok=True)
+    num_classes = model.y_embedder.num_classes
+    num_batches = math.ceil(args.num_samples / args.batch_size)
+    for b in tqdm(range(rank, num_batches, world_size), disable=rank != 0, desc="batches"):
+        indices = torch.arange(b * args.batch_size, min((b + 1) * args.batch_size, args.num_samples))
+        torch.manual_seed(args.seed * num_batches + b)
+        images = generate(model, vae, (indices % num_classes).to(device), args, guidance, progress=False)
+        for i, image in zip(indices.tolist(), images):
+            Image.fromarray(image).save(os.path.join(args.out, f"{i:06d}.png"))
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:  # the layout of ADM's evaluation suite and DiT's sample_ddp.py, plus our labels
+        labels = np.arange(args.num_samples) % num_classes
+        images = np.stack([np.asarray(Image.open(os.path.join(args.out, f"{i:06d}.png")))
+                           for i in tqdm(range(args.num_samples), desc="npz")])
+        extra = {}
+        if hierarchy is not None:
+            extra = dict(superclass_labels=np.asarray(hierarchy.class_to_superclass)[labels],
+                         class_names=np.asarray(hierarchy.class_names),
+                         superclass_names=np.asarray(hierarchy.superclass_names))
+        path = args.out.rstrip("/") + ".npz"
+        np.savez(path, arr_0=images, labels=labels, **extra)
+        print(f"wrote {args.num_samples} samples to {args.out}/ and {path} ({images.shape})")
+
+
+def main(args):
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    args.ckpt = args.ckpt or newest_checkpoint()
+    model, hierarchy, vae_path = load_model(args)
+    model.to(device).eval()
+    vae = load_vae(vae_path, device) if vae_path not in (None, "none") else None
+    if vae is None and model.in_channels == 4:
+        raise SystemExit("this model works in the SD VAE's latent space: give --vae (sd-vae-ft-ema)")
+    guidance = args.guidance or ("fine" if model.y_embedder.num_superclasses else "cfg")
+    if args.num_samples:
+        args.out = args.out or "samples/" + os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))
+        sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
+    else:
+        if args.cls is None:
+            raise SystemExit("give --class (an id or a name), or --num-samples for a bulk run")
+        cls = resolve_class(model, hierarchy, args.cls)
+        torch.manual_seed(args.seed)
+        images = generate(model, vae, torch.full((args.n,), cls, device=device), args, guidance)
+        name = hierarchy.class_names[cls] if hierarchy is not None else f"class {cls}"
+        args.out = args.out or f"samples/{cls:05d}-{guidance}.png"
+        save_grid(images, args.out)
+        print(f"{args.n} images of {name} ({guidance} guidance, scale {args.cfg_scale}) -> {args.out}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,246 @@
+"""Evaluation: FID Inception, Fréchet distance, LPIPS against the reference fixtures; per-superclass bookkeeping,
+LPIPS diversity pairs, t-SNE, Figure 7, image-set reading and the tables."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import fixture, rel_err
+import evaluate as E
+
+
+def shapes(module):
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+# ---- FID Inception and the Fréchet distance against pytorch-fid ----
+
+def test_inception_keys_match_the_real_weights_file():
+    assert shapes(E.FIDInceptionV3()) == fixture("fid_inception_manifest.json")
+
+
+def test_inception_pool3_matches_pytorch_fid():
+    f = fixture("inception_fid_random_fp16.pt")
+    assert next(iter(f["state_dict"].values())).dtype == torch.float16
+    model = E.inception_from_state_dict(f["state_dict"])
+    with torch.no_grad():
+        pool3 = model(f["images"])
+    assert pool3.dtype == torch.float32 and pool3.shape == f["pool3"].shape
+    assert rel_err(pool3, f["pool3"]) <= 1e-4
+
+
+def test_inception_loading_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytorch-fid/releases"):
+        E.load_inception(str(tmp_path / "missing.pth"))
+    state_dict = dict(fixture("inception_fid_random_fp16.pt")["state_dict"])
+    del state_dict["Mixed_7c.branch_pool.conv.weight"]
+    with pytest.raises(ValueError, match="Mixed_7c.branch_pool.conv.weight"):
+        E.inception_from_state_dict(state_dict)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    f = fixture("inception_fid_random_fp16.pt")
+    fid = E.frechet_distance(*E.feature_stats(f["feats1"].numpy()), *E.feature_stats(f["feats2"].numpy()))
+    assert rel_err(fid, f["fid"]) <= 1e-6
+
+
+def test_frechet_distance_identical_symmetric_and_rank_deficient():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(150, 16)) * 1.5 + 0.3
+    stats_a, stats_b = E.feature_stats(a), E.feature_stats(b)
+    assert abs(E.frechet_distance(*stats_a, *stats_a)) < 1e-9
+    assert E.frechet_distance(*stats_a, *stats_b) == pytest.approx(E.frechet_distance(*stats_b, *stats_a), rel=1e-9)
+    # 10 samples in 64 dimensions: covariances of rank 9. A shifted copy has the same covariance, so FID = |shift|^2
+    few = rng.normal(size=(10, 64))
+    shift = rng.normal(size=64)
+    fid = E.frechet_distance(*E.feature_stats(few), *E.feature_stats(few + shift))
+    assert fid == pytest.approx(shift @ shift, rel=1e-6)
+
+
+# ---- FID per superclass (Table 1) ----
+
+def test_per_superclass_fid_uses_the_right_subsets(tmp_path):
+    rng = np.random.default_rng(1)
+    names = ["Plants", "Birds", "Fungi"]
+    sample_super, ref_super = rng.integers(0, 3, 300), rng.integers(0, 2, 240)  # the reference has no Fungi
+    samples = rng.normal(size=(300, 8)) + sample_super[:, None]
+    reference = rng.normal(size=(240, 8)) * 1.2 + ref_super[:, None]
+    sample_stats = E.set_statistics(samples, sample_super, names)
+    ref_stats = E.set_statistics(reference, ref_super, names)
+    E.save_statistics(tmp_path / "ref.npz", ref_stats)
+    assert E.is_statistics_file(str(tmp_path / "ref.npz"))
+    fids = E.fid_by_superclass(sample_stats, E.load_statistics(tmp_path / "ref.npz"))
+    assert list(fids) == ["overall", "Plants", "Birds"]
+    expected = {"overall": (samples, reference)}
+    expected.update({names[s]: (samples[sample_super == s], reference[ref_super == s]) for s in (0, 1)})
+    for name, (x, y) in expected.items():
+        assert fids[name] == pytest.approx(E.frechet_distance(*E.feature_stats(x), *E.feature_stats(y)), rel=1e-9)
+
+
+# ---- LPIPS against the lpips package ----
+
+def test_lpips_keys_match_the_real_weights():
+    assert shapes(E.LPIPS()) == fixture("lpips_alex_manifest.json")
+
+
+def test_lpips_distance_matches_lpips_package():
+    f = fixture("lpips_alex_random.pt")
+    with torch.no_grad():
+        distance = E.lpips_from_state_dict(f["state_dict"])(f["a"], f["b"])
+    assert distance.shape == f["distance"].shape
+    assert rel_err(distance, f["distance"]) <= 1e-4
+
+
+def test_lpips_assembles_from_lin_file_and_torchvision_alexnet(tmp_path):
+    """The two files a user downloads: lpips' weights/v0.1/alex.pth and torchvision's alexnet-owt-7be5be79.pth."""
+    f = fixture("lpips_alex_random.pt")
+    sd = f["state_dict"]
+    lins = {k: v for k, v in sd.items() if k.startswith("lin") and not k.startswith("lins.")}
+    alexnet = {k.replace(f"net.slice{s}.", "features."): v for k, v in sd.items() for s in range(1, 6)
+               if k.startswith(f"net.slice{s}.")}
+    alexnet["classifier.1.weight"] = torch.zeros(4096, 9216)  # torchvision's classifier, not part of LPIPS
+    torch.save(lins, tmp_path / "alex.pth")
+    torch.save(alexnet, tmp_path / "alexnet.pth")
+    model = E.load_lpips([str(tmp_path / "alex.pth"), str(tmp_path / "alexnet.pth")])
+    with torch.no_grad():
+        assert rel_err(model(f["a"], f["b"]), f["distance"]) <= 1e-4
+    with pytest.raises(ValueError, match="net.slice1.0.weight"):  # the AlexNet file forgotten
+        E.load_lpips([str(tmp_path / "alex.pth")])
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79"):
+        E.load_lpips([str(tmp_path / "nothing.pth")])
+
+
+def test_same_class_pairs():
+    labels = np.array([0, 1, 0, 2, 0, 1, 3])
+    pairs = E.same_class_pairs(labels, pairs_per_class=10)
+    assert sorted(map(tuple, pairs)) == [(0, 2), (0, 4), (1, 5), (2, 4)]
+    capped = E.same_class_pairs(np.repeat(np.arange(3), 6), pairs_per_class=4, seed=3)  # 15 pairs per class
+    assert len(capped) == 12 and len(set(map(tuple, capped))) == 12
+    assert np.all(capped[:, 0] // 6 == capped[:, 1] // 6) and np.all(capped[:, 0] < capped[:, 1])
+
+
+def test_lpips_diversity_averages_same_class_pairs_per_superclass():
+    model = E.lpips_from_state_dict(fixture("lpips_alex_random.pt")["state_dict"])
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(7, 64, 64, 3), dtype=np.uint8)
+    images[6] = images[5]  # class 3 holds two identical images
+    labels = np.array([0, 0, 0, 1, 1, 3, 3])
+    superclass_of = np.array([0, 1, 1, 1])  # class 0 -> A; classes 1 and 3 -> B
+    result = E.lpips_diversity(model, images, labels, superclass_of[labels], ["A", "B"], batch_size=2)
+    to_input = lambda i: torch.from_numpy(images[i]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        d = {p: model(to_input(p[0]), to_input(p[1])).item() for p in [(0, 1), (0, 2), (1, 2), (3, 4), (5, 6)]}
+    assert d[(5, 6)] == pytest.approx(0, abs=1e-6)
+    assert result["A"] == pytest.approx(np.mean([d[(0, 1)], d[(0, 2)], d[(1, 2)]]), rel=1e-5)
+    assert result["B"] == pytest.approx(np.mean([d[(3, 4)], d[(5, 6)]]), rel=1e-5, abs=1e-7)
+    assert result["overall"] == pytest.approx(np.mean(list(d.values())), rel=1e-5)
+
+
+# ---- t-SNE and Figure 7 ----
+
+def clusters(seed=0, k=5, per=30, dim=20):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(k), per)
+    return rng.normal(size=(k, dim))[labels] * 10 + rng.normal(size=(k * per, dim)), labels
+
+
+def nearest_neighbour_agreement(y, labels):
+    d = ((y[:, None] - y[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return (labels[d.argmin(axis=1)] == labels).mean()
+
+
+def test_tsne_keeps_separated_clusters_apart_and_is_deterministic():
+    x, labels = clusters()
+    y = E.tsne(x, perplexity=15, iterations=500, seed=0, progress=False)
+    assert y.shape == (len(x), 2) and np.isfinite(y).all()
+    assert nearest_neighbour_agreement(y, labels) >= 0.9
+    assert np.array_equal(y, E.tsne(x, perplexity=15, iterations=500, seed=0, progress=False))
+
+
+def test_tsne_perplexity_is_reached():
+    x, _ = clusters(seed=1)
+    x = torch.as_tensor(x)
+    p = E.conditional_probabilities(torch.cdist(x, x).square(), 12.0)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
+    assert torch.allclose(p.sum(dim=1), torch.ones(len(x), dtype=p.dtype))
+    assert torch.allclose(entropy.exp(), torch.full_like(entropy, 12.0), rtol=1e-4)
+
+
+def test_figure7_from_a_label_table(tmp_path):
+    x, class_to_superclass = clusters(seed=2, k=4, per=15)
+    superclass_rows = np.stack([x[class_to_superclass == s].mean(0) for s in range(4)]) + 0.5
+    table = np.concatenate([x, superclass_rows, np.zeros((1, x.shape[1]))])  # fine | superclass | null
+    fine, means, supers = E.embed_label_table(table, class_to_superclass, 4, perplexity=10, iterations=500,
+                                              progress=False)
+    assert fine.shape == (60, 2) and means.shape == supers.shape == (4, 2)
+    assert nearest_neighbour_agreement(fine, class_to_superclass) >= 0.9
+    for s in range(4):  # the star and the cross of a superclass land among its own fine classes
+        for point in (means[s], supers[s]):
+            assert class_to_superclass[((fine - point) ** 2).sum(1).argmin()] == s
+    names = ["Plants", "Insects", "Birds", "Fungi"]
+    E.draw_figure7(fine, class_to_superclass, means, supers, names, tmp_path / "fig7.png", size=(640, 480))
+    image = Image.open(tmp_path / "fig7.png")
+    assert image.format == "PNG" and image.size == (640, 480)
+    present = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert all(color in present for color in E.superclass_colors(4))
+
+
+def test_label_table_from_raw_and_nested_checkpoints():
+    table = torch.randn(7, 5)
+    raw = {"y_embedder.embedding_table.weight": table, "pos_embed": torch.zeros(1)}
+    for checkpoint in (raw, {"model": raw, "args": {}}, {"ema": raw, "model": {"x": table}}):
+        assert torch.equal(E.label_table(checkpoint), table)
+    with pytest.raises(KeyError, match="y_embedder.embedding_table.weight"):
+        E.label_table({"model": {"blocks.0.attn.qkv.weight": table}})
+
+
+# ---- Image sets, class maps and tables ----
+
+def test_sample_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    labels, class_to_superclass = np.array([0, 1, 2, 3, 0, 2]), np.array([1, 0, 1, 0])
+    np.savez(tmp_path / "samples.npz", arr_0=images, labels=labels, superclass_labels=class_to_superclass[labels],
+             superclass_names=np.array(["Birds", "Plants"]), class_names=np.array(["a", "b", "c", "d"]))
+    data = E.read_image_npz(tmp_path / "samples.npz")
+    assert np.array_equal(data["images"], images) and np.array_equal(data["labels"], labels)
+    assert np.array_equal(data["superclass_labels"], class_to_superclass[labels])
+    assert data["superclass_names"] == ["Birds", "Plants"] and data["class_names"] == ["a", "b", "c", "d"]
+    # a bare ADM-style file plus a class map (JSON of names, listed as sorted ids)
+    np.savez(tmp_path / "bare.npz", arr_0=images, labels=labels)
+    (tmp_path / "map.json").write_text(json.dumps(["Plants", "Birds", "Plants", "Birds"]))
+    data = E.read_image_npz(tmp_path / "bare.npz", str(tmp_path / "map.json"))
+    assert data["superclass_names"] == ["Birds", "Plants"]
+    assert np.array_equal(data["superclass_labels"], class_to_superclass[labels])
+    ids, names = E.read_class_map({"class_to_superclass": [1, 0, 1, 0], "superclass_names": ["Birds", "Plants"]})
+    assert np.array_equal(ids, class_to_superclass) and names == ["Birds", "Plants"]
+
+
+def test_image_folder_tree_is_read_and_centre_cropped(tmp_path):
+    layout = {("Birds", "robin"): 2, ("Birds", "wren"): 1, ("Plants", "oak"): 3}
+    for (superclass, name), count in layout.items():
+        (tmp_path / superclass / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (90 + 10 * i, 60), (40 * i, 100, 200)).save(tmp_path / superclass / name / f"{i}.jpg")
+    data = E.read_image_set(str(tmp_path))
+    assert data["superclass_names"] == ["Birds", "Plants"] and data["class_names"] == ["robin", "wren", "oak"]
+    assert data["labels"].tolist() == [0, 0, 1, 2, 2, 2]
+    assert data["superclass_labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    batch = E.image_batch(data["images"], np.arange(6), image_size=32)
+    assert batch.shape == (6, 3, 32, 32) and 0 <= batch.min() and batch.max() <= 1
+
+
+def test_results_and_parameter_tables():
+    table = E.results_table([{"method": "FineDiffusion", "fid": {"overall": 9.776, "Plants": 15.752},
+                              "lpips": {"overall": 0.721, "Plants": 0.693}}])
+    assert "| FineDiffusion | 15.752 | 0.693 | 9.776 | 0.721 |" in table
+    rows = [dict(method="full", total=685_640_480, trainable=685_640_480, gpu_hours=15.11 * 24),
+            dict(method="FineDiffusion", total=685_640_480, trainable=12_153_632, gpu_hours=9.69 * 24,
+                 delta_mib=46.4)]
+    lines = E.param_table(rows).splitlines()
+    assert len(lines) == 4
+    assert "| FineDiffusion | 12.15 (1.77%) | 685.64 | 46.4 |" in lines[3] and "0.641×" in lines[3]
+    assert "| full | 685.64 (100.00%) |" in lines[2] and "| – |" in lines[2]

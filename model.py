@@ -405,9 +405,9 @@ def dit_state_dict(checkpoint):
 
 def dit_config_from_state_dict(state_dict):
     """Read a DiT's architecture off its tensor shapes: the kwargs that rebuild it (but the label split)."""
-    if "x_embedder.proj.weight" not in state_dict or "pos_embed" not in state_dict:
-        raise ValueError("this is not a DiT state dict: it has no x_embedder.proj.weight / pos_embed "
-                         f"(its first keys: {list(state_dict)[:5]})")
+    if "x_embedder.proj.weight" not in state_dict:
+        raise ValueError(f"this is not a DiT state dict: it has no x_embedder.proj.weight (its first keys: "
+                         f"{list(state_dict)[:5]})")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     name = next((n for n, c in DIT_CONFIGS.items() if (c["depth"], c["hidden_size"], c["patch_size"])
@@ -415,7 +415,8 @@ def dit_config_from_state_dict(state_dict):
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     return dict(model=name, depth=depth, hidden_size=hidden, patch_size=patch, in_channels=in_channels,
                 num_heads=DIT_CONFIGS[name]["num_heads"] if name else None,
-                input_size=int(state_dict["pos_embed"].shape[1] ** 0.5) * patch, learn_sigma=out == 2 * in_channels,
+                learn_sigma=out == 2 * in_channels,  # pos_embed is fixed: our checkpoints may leave it out
+                input_size=int(state_dict["pos_embed"].shape[1] ** 0.5) * patch if "pos_embed" in state_dict else None,
                 table_rows=state_dict["y_embedder.embedding_table.weight"].shape[0],
                 norm_affine="blocks.0.norm1.weight" in state_dict)
 
@@ -423,7 +424,8 @@ def dit_config_from_state_dict(state_dict):
 def describe_dit(state_dict):
     """One line a user can act on: which --model / --image-size / label table a state dict fits."""
     c = dit_config_from_state_dict(state_dict)
-    size = f"--image-size {c['input_size'] * 8}" if c["in_channels"] == 4 else f"{c['input_size']} px pixel space"
+    size = ("any image size" if c["input_size"] is None else f"--image-size {c['input_size'] * 8}"
+            if c["in_channels"] == 4 else f"{c['input_size']} px in pixel space")
     return (f"{c['model'] or 'a non-standard DiT'} (depth {c['depth']}, hidden {c['hidden_size']}, patch "
             f"{c['patch_size']}), {size}, {c['table_rows']} label rows (1000 ImageNet classes + null = 1001; "
             f"10,000 iNat species + 11 superclasses = 10,011), "

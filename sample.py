@@ -86,7 +86,10 @@ def load_model(args):
 def resolve_class(model, hierarchy, cls):
     """An id or a name -> a fine class id, with the valid range or the closest names when it is not one."""
     if hierarchy is not None:
-        return hierarchy.lookup(cls)
+        try:
+            return hierarchy.lookup(cls)
+        except ValueError as error:
+            raise SystemExit(f"--class {cls}: {error}")
     if not str(cls).isdigit() or int(cls) >= model.y_embedder.num_classes:
         raise SystemExit(f"--class {cls}: this model has no class names; give an id in 0..{model.y_embedder.num_classes - 1}")
     return int(cls)

@@ -104,9 +104,8 @@ def save_atomically(obj, path):
 # The model: base checkpoint -> method -> trainable model
 
 
-def build_model(args, hierarchy, in_channels):
-    """(model, model_config, base identity) for args.method on the dataset's classes."""
-    input_size = args.image_size // 8 if in_channels == 4 else args.image_size
+def build_model(args, hierarchy, in_channels, input_size):
+    """(model, model_config, method options, base identity) for args.method on the dataset's classes."""
     config = dict(input_size=input_size, in_channels=in_channels, num_classes=1000, **DIT_CONFIGS[args.model])
     base_state_dict, base = None, None
     if args.ckpt:
@@ -178,7 +177,10 @@ def main(args):
     dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
     if args.latent_cache and vae is not None:
         dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size)
-    model, model_config, method_options, base = build_model(args, hierarchy, 4 if vae else 3)
+    # the DiT sees latents (the SD VAE: 4 channels, 1/8 of the image size) or pixels
+    latent_channels = vae.post_quant_conv.in_channels if vae else 3
+    input_size = args.image_size // 2 ** (len(vae.encoder.down_blocks) - 1) if vae else args.image_size
+    model, model_config, method_options, base = build_model(args, hierarchy, latent_channels, input_size)
     if resume and resume["base"] != base:
         raise SystemExit(f"--resume: the checkpoint was trained on base {resume['base']}, --ckpt is {base}")
     model.to(device)
@@ -219,7 +221,8 @@ def main(args):
             sampler.set_epoch(epoch)
             indices = list(sampler)[skip * local_batch: steps_per_epoch * local_batch]
             loader = DataLoader(dataset, local_batch, sampler=indices, num_workers=args.num_workers,
-                                pin_memory=device.type == "cuda", drop_last=True)
+                                pin_memory=device.type == "cuda", drop_last=True,
+                                generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG alone
             yield from loader
             epoch, skip = epoch + 1, 0
 
@@ -236,11 +239,14 @@ def main(args):
     for x, y in batches():
         if step >= args.max_steps:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         with torch.no_grad():
             if isinstance(x, (list, tuple)):  # cached posterior moments: sample q(z|x) afresh every step
-                x = x[0] + x[1] * torch.randn_like(x[1])
-            elif vae is not None:
+                mean, std = x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True)
+                x = mean + std * torch.randn_like(std)
+            else:
+                x = x.to(device, non_blocking=True)
+            if vae is not None and x.shape[1] == 3:
                 x = vae.encode(x).sample() * vae.scaling_factor
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
         with autocast:
@@ -271,7 +277,7 @@ def main(args):
     progress.close()
     if world_size > 1:
         dist.destroy_process_group()
-    return run_dir
+    return model, run_dir
 
 
 if __name__ == "__main__":

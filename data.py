@@ -1,0 +1,701 @@
+"""
+Datasets with their label hierarchy (fine classes inside superclasses), the ADM centre crop, and a VAE latent cache.
+
+    python data.py --data toy --split target                 # generate the toy set (once) and summarize it
+    python data.py --data inat --data-path /data/inat2021 --check --save-hierarchy inat_classes.json
+
+Layouts read (`load_dataset(kind, path, image_size, split)` -> (dataset, hierarchy)):
+
+    inat    iNaturalist 2021 as distributed: path/train_mini/NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet/
+            *.jpg with path/train_mini.json (or train/, val/); without the JSON the 11 superclasses are derived from
+            the folder names' taxonomy
+    vegfru  VegFru as released: path/veg200_images/<class>/v_SS_CC_NNNN.jpg, path/fru92_images/<class>/f_SS_CC_NNNN.jpg
+            and path/vegfru_list/vegfru_{train,val,test}.txt (+ supvegfru_*.txt superclass ids where present)
+    folder  any path/<superclass>/<class>/*.jpg tree
+    toy     a small synthetic set drawn with pillow from a seed, written as a folder tree (path/source, path/target)
+
+Items are (image (3, H, W) in [-1, 1], fine label). Index i is image i // 2, mirrored when i is odd, so a seeded
+sampler alone decides what a step sees (exact resume). `build_latent_cache` encodes every image (both mirrors)
+once with the VAE into a memory-mapped .npy of posterior moments; training then samples z = mean + std * eps.
+"""
+import argparse
+import colorsys
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+INAT_SOURCE = "get iNaturalist 2021 from https://github.com/visipedia/inat_comp/tree/master/2021"
+VEGFRU_SOURCE = "get VegFru from https://github.com/ustc-vim/vegfru"
+
+# -----------------------------------------------------------------------------------------------------------
+# The label hierarchy: fine class names, superclass names, the fine -> superclass map, and name lookup.
+# Stored in checkpoints as a dict of lists of str/int, so it loads with torch.load(weights_only=True).
+
+
+def name_key(name):
+    """Names compare case-insensitively, with '_' as a space ('danaus_plexippus' finds 'Danaus plexippus')."""
+    return " ".join(str(name).replace("_", " ").split()).lower()
+
+
+class Hierarchy:
+    """Fine classes (ids 0..C-1), superclasses (ids 0..S-1) and which superclass each fine class belongs to."""
+
+    def __init__(self, class_names, superclass_names, class_to_superclass, common_names=None):
+        self.class_names = [str(n) for n in class_names]
+        self.superclass_names = [str(n) for n in superclass_names]
+        self.class_to_superclass = [int(s) for s in class_to_superclass]
+        self.common_names = [str(n) for n in common_names] if common_names is not None else [""] * len(class_names)
+        if not len(self.class_names) == len(self.class_to_superclass) == len(self.common_names):
+            raise ValueError(f"hierarchy: {len(self.class_names)} class names, {len(self.class_to_superclass)} "
+                             f"superclass ids and {len(self.common_names)} common names must agree")
+        bad = [i for i, s in enumerate(self.class_to_superclass) if not 0 <= s < len(self.superclass_names)]
+        if bad:
+            raise ValueError(f"hierarchy: classes {bad[:5]} point at no superclass "
+                             f"(valid: 0..{len(self.superclass_names) - 1})")
+        self._index = None
+
+    def __repr__(self):
+        return f"Hierarchy({len(self.class_names)} classes in {len(self.superclass_names)} superclasses)"
+
+    def to_dict(self):
+        return dict(class_names=self.class_names, superclass_names=self.superclass_names,
+                    class_to_superclass=self.class_to_superclass, common_names=self.common_names)
+
+    @classmethod
+    def from_dict(cls, d):
+        missing = [k for k in ("class_names", "superclass_names", "class_to_superclass") if k not in d]
+        if missing:
+            raise ValueError(f"not a class hierarchy: no {missing} (expected the 'hierarchy' of a train.py checkpoint, "
+                             f"a JSON written by Hierarchy.to_json, or iNat's train_mini.json)")
+        return cls(d["class_names"], d["superclass_names"], d["class_to_superclass"], d.get("common_names"))
+
+    def to_json(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def from_json(cls, path):
+        """Our own JSON, or an iNat 2021 annotation file (train_mini.json, val.json: its `categories`)."""
+        with open(path) as f:
+            d = json.load(f)
+        return inat_hierarchy(d["categories"]) if "categories" in d else cls.from_dict(d)
+
+    def lookup(self, query):
+        """A fine class id from an id (412, "412") or a name: scientific or common, case-insensitive."""
+        text = str(query).strip()
+        if re.fullmatch(r"-?\d+", text):
+            i = int(text)
+            if not 0 <= i < len(self.class_names):
+                raise ValueError(f"class id {i} is out of range: valid ids are 0..{len(self.class_names) - 1}")
+            return i
+        if self._index is None:  # name key -> ids, built on the first lookup
+            self._index = {}
+            for i, names in enumerate(zip(self.class_names, self.common_names)):
+                for key in {name_key(n) for n in names if n}:
+                    self._index.setdefault(key, []).append(i)
+        ids = self._index.get(name_key(text), [])
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            raise ValueError(f"{text!r} names {len(ids)} classes: " + ", ".join(self.describe(i) for i in ids[:10]))
+        close = difflib.get_close_matches(name_key(text), list(self._index), n=5, cutoff=0.6)
+        close_ids = list(dict.fromkeys(i for key in close for i in self._index[key]))
+        hint = ("; closest: " + ", ".join(self.describe(i) for i in close_ids)) if close_ids else ""
+        raise ValueError(f"no class named {text!r}{hint}")
+
+    def describe(self, i):
+        common = f" ({self.common_names[i]})" if self.common_names[i] else ""
+        return f"{i} {self.class_names[i]}{common}"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The ADM centre crop (Dhariwal & Nichol 2021, guided-diffusion image_datasets.py; used by DiT's train.py) and
+# images to tensors in [-1, 1].
+
+
+def center_crop(image, size):
+    """PIL image -> (size, size, 3) uint8: halve with a box filter while the short side >= 2 * size (cheap and
+    alias-free), bicubic so the short side == size, then crop the centre."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    pixels = np.array(image)
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+def to_tensor(pixels):
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1], as DiT's ToTensor + Normalize(0.5, 0.5)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float()
+    return (x / 255 - 0.5) / 0.5
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The image dataset. Index i -> image i // 2, mirrored when i is odd: flips come from the index, not from a random
+# draw inside a worker. An unreadable image is reported once and replaced by the next readable one.
+
+
+class ImageDataset(Dataset):
+    def __init__(self, root, files, labels, image_size, hflip=True):
+        self.root, self.image_size, self.hflip = root, image_size, hflip
+        # numpy arrays, not lists of str: DataLoader workers then share them without copy-on-access
+        self.files, self.labels = np.asarray(files, dtype=str), np.asarray(labels, dtype=np.int64)
+        self.skipped = {}  # file (as in self.files) -> why it could not be read, in this process
+
+    def __len__(self):
+        return len(self.files) * (2 if self.hflip else 1)
+
+    def read(self, j):
+        """Image j -> (H, W, 3) uint8 after the centre crop; raises if the file cannot be decoded."""
+        with Image.open(os.path.join(self.root, self.files[j])) as image:
+            return center_crop(image, self.image_size)
+
+    def __getitem__(self, i):
+        j, flip = divmod(i, 2) if self.hflip else (i, 0)
+        for attempt in range(len(self.files)):
+            k = (j + attempt) % len(self.files)
+            try:
+                pixels = self.read(k)
+                break
+            except Exception as e:  # a bad file must not end a run hours in
+                self.report(k, f"{type(e).__name__}: {e}")
+        else:
+            raise RuntimeError(f"no image under {self.root} could be read: {self.skipped}")
+        return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
+
+    def report(self, j, reason):
+        if self.files[j] not in self.skipped:
+            self.skipped[str(self.files[j])] = reason
+            path = os.path.join(self.root, self.files[j])
+            print(f"data: skipping unreadable image {path} ({reason})", file=sys.stderr)
+
+    def fingerprint(self):
+        """What a latent cache must match: the file list with labels, the image size, the flips."""
+        h = hashlib.sha1(f"{self.image_size} {self.hflip}\n".encode())
+        for name, label in zip(self.files, self.labels):
+            h.update(f"{name}\t{label}\n".encode())
+        return h.hexdigest()
+
+
+def list_images(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+
+
+def subfolders(folder):
+    return sorted(e for e in os.listdir(folder) if os.path.isdir(os.path.join(folder, e)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The generic layout root/<superclass>/<class>/*.jpg. Class ids follow sorted superclasses, then sorted classes
+# within each (the order evaluate.py reads reference folders in).
+
+
+def load_folder(root, image_size, hflip=True):
+    names, superclass_of, files, labels = [], [], [], []
+    superclass_names = subfolders(root)
+    for s, superclass in enumerate(superclass_names):
+        for name in subfolders(os.path.join(root, superclass)):
+            images = list_images(os.path.join(root, superclass, name))
+            files += [os.path.join(superclass, name, f) for f in images]
+            labels += [len(names)] * len(images)
+            names.append(name)
+            superclass_of.append(s)
+    if not files:
+        raise FileNotFoundError(f"no images in {root}: expected the layout {root}/<superclass>/<class>/*.jpg")
+    return ImageDataset(root, files, labels, image_size, hflip), Hierarchy(names, superclass_names, superclass_of)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# iNaturalist 2021. The JSON (COCO-style: images, annotations, categories with name, common_name, supercategory,
+# kingdom..specific_epithet, image_dir_name) is authoritative; without it, classes come from the folder names
+# NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet and the 11 superclasses from their taxonomy.
+
+INAT_SUPERCLASS_OF_CLASS = {"Insecta": "Insects", "Aves": "Birds", "Reptilia": "Reptiles", "Mammalia": "Mammals",
+                            "Actinopterygii": "Ray-finned Fishes", "Amphibia": "Amphibians", "Arachnida": "Arachnids"}
+
+
+def inat_superclass(kingdom, phylum, taxon_class):
+    """iNat 2021's supercategory from the taxonomy: Plants, Fungi, Mollusks, seven animal classes, else Animalia."""
+    if kingdom in ("Plantae", "Fungi"):
+        return "Plants" if kingdom == "Plantae" else "Fungi"
+    if kingdom == "Animalia":
+        return "Mollusks" if phylum == "Mollusca" else INAT_SUPERCLASS_OF_CLASS.get(taxon_class, "Animalia")
+    return kingdom  # not in iNat 2021; kept visible rather than folded into another superclass
+
+
+def parse_inat_dir(name):
+    """'00412_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus' -> (412, taxonomy) or None."""
+    parts = name.split("_", 7)
+    if len(parts) != 8 or not parts[0].isdigit():
+        return None
+    return int(parts[0]), dict(zip(("kingdom", "phylum", "class", "order", "family", "genus", "epithet"), parts[1:]))
+
+
+def inat_hierarchy(categories):
+    """Hierarchy from the JSON's categories, in category-id order; superclasses sorted by name."""
+    categories = sorted(categories, key=lambda c: c["id"])
+    missing = {k for c in categories for k in ("id", "name", "supercategory") if k not in c}
+    if missing:
+        raise ValueError(f"iNat categories lack {sorted(missing)}: expected iNat 2021's train_mini.json/val.json")
+    superclass_names = sorted({c["supercategory"] for c in categories})
+    return Hierarchy([c["name"] for c in categories], superclass_names,
+                     [superclass_names.index(c["supercategory"]) for c in categories],
+                     [c.get("common_name", "") for c in categories])
+
+
+def inat_hierarchy_from_dirs(dir_names):
+    """Hierarchy from class folder names alone (sorted by their number): 'Genus epithet', derived superclasses."""
+    parsed = sorted((parse_inat_dir(d) for d in dir_names), key=lambda p: p[0])
+    derived = [inat_superclass(t["kingdom"], t["phylum"], t["class"]) for _, t in parsed]
+    superclass_names = sorted(set(derived))
+    return Hierarchy([f"{t['genus']} {t['epithet']}" for _, t in parsed], superclass_names,
+                     [superclass_names.index(s) for s in derived])
+
+
+def load_inat(root, split, image_size, hflip=True):
+    folder, json_path = os.path.join(root, split), os.path.join(root, f"{split}.json")
+    if not os.path.isdir(folder) and not os.path.isfile(json_path):
+        raise FileNotFoundError(f"no iNat split {split!r} in {root}: expected {folder}/ (class folders NNNNN_Kingdom_"
+                                f"Phylum_Class_Order_Family_Genus_epithet) and {json_path}; {INAT_SOURCE}")
+    on_disk = subfolders(folder) if os.path.isdir(folder) else None
+    if not os.path.isfile(json_path):  # folders only
+        bad = [d for d in on_disk if parse_inat_dir(d) is None]
+        if bad or not on_disk:
+            raise ValueError(f"{folder}: class folders must be named NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_"
+                             f"epithet, found {bad[:3] or 'none'}; {INAT_SOURCE}")
+        on_disk.sort(key=lambda d: parse_inat_dir(d)[0])
+        files, labels = [], []
+        for label, d in enumerate(on_disk):
+            images = list_images(os.path.join(folder, d))
+            files += [os.path.join(split, d, f) for f in images]
+            labels += [label] * len(images)
+        return ImageDataset(root, files, labels, image_size, hflip), inat_hierarchy_from_dirs(on_disk)
+
+    with open(json_path) as f:
+        meta = json.load(f)
+    if "annotations" not in meta:
+        raise ValueError(f"{json_path} has no annotations (iNat's test split is unlabelled): "
+                         f"use train_mini, train or val")
+    hierarchy = inat_hierarchy(meta["categories"])
+    categories = sorted(meta["categories"], key=lambda c: c["id"])
+    dir_names = [c.get("image_dir_name", "") for c in categories]
+    if on_disk is not None and set(on_disk) != set(dir_names):
+        extra, absent = sorted(set(on_disk) - set(dir_names)), sorted(set(dir_names) - set(on_disk))
+        raise ValueError(f"{folder} and {json_path} disagree: {len(extra)} folders are not in the JSON (e.g. "
+                         f"{extra[:2]}), {len(absent)} JSON classes have no folder (e.g. {absent[:2]}); "
+                         f"use files of one release")
+    check_inat_superclasses(hierarchy, dir_names, json_path)
+    label_of_category = {c["id"]: i for i, c in enumerate(categories)}
+    category_of_image = {a["image_id"]: a["category_id"] for a in meta["annotations"]}
+    files = [im["file_name"] for im in meta["images"]]
+    prefix = "" if files and files[0].startswith(split + "/") else split  # file_name is 'train_mini/<dir>/<id>.jpg'
+    labels = [label_of_category[category_of_image[im["id"]]] for im in meta["images"]]
+    return ImageDataset(root, [os.path.join(prefix, f) for f in files], labels, image_size, hflip), hierarchy
+
+
+def check_inat_superclasses(hierarchy, dir_names, json_path):
+    """Warn where the JSON's supercategory differs from the one the folder name's taxonomy gives (the JSON wins)."""
+    mismatches = []
+    for i, d in enumerate(dir_names):
+        parsed = parse_inat_dir(d)
+        if parsed is None:
+            continue
+        t = parsed[1]
+        derived = inat_superclass(t["kingdom"], t["phylum"], t["class"])
+        given = hierarchy.superclass_names[hierarchy.class_to_superclass[i]]
+        if derived != given:
+            mismatches.append(f"{d}: JSON {given!r}, folder taxonomy {derived!r}")
+    if mismatches:
+        warnings.warn(f"{len(mismatches)} classes in {json_path} have a supercategory that differs from the one "
+                      f"derived from their folder names (using the JSON's): " + "; ".join(mismatches[:5]))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# VegFru as released: vegfru_list/vegfru_<split>.txt lines 'veg200_images/<class>/v_SS_CC_NNNN.jpg <label>'
+# (labels 0..291), supvegfru_<split>.txt the same paths with superclass ids 0..24. The lists give superclasses as
+# numbers only; the file names carry them too (v_SS: vegetable superclass SS, f_SS: fruit), which name them here.
+
+VEGFRU_FILE = re.compile(r"([vf])_(\d+)_\d+_\d+\.\w+$")
+
+
+def read_list(path):
+    with open(path) as f:
+        return [(p, int(label)) for p, label in (line.split() for line in f if line.strip())]
+
+
+def load_vegfru(root, split, image_size, hflip=True):
+    lists = os.path.join(root, "vegfru_list")
+    parts = ["train", "val"] if split == "trainval" else [split]
+    paths = [os.path.join(lists, f"vegfru_{p}.txt") for p in parts]
+    if not all(os.path.isfile(p) for p in paths):
+        raise FileNotFoundError(f"no VegFru split {split!r} in {root}: expected {', '.join(paths)} beside "
+                                f"veg200_images/ and fru92_images/; {VEGFRU_SOURCE}")
+    # the class table from every list present, so the hierarchy does not depend on the split
+    all_lists = {p: read_list(os.path.join(lists, f"vegfru_{p}.txt")) for p in ("train", "val", "test")
+                 if os.path.isfile(os.path.join(lists, f"vegfru_{p}.txt"))}
+    sup_lists = {p: read_list(os.path.join(lists, f"supvegfru_{p}.txt")) for p in all_lists
+                 if os.path.isfile(os.path.join(lists, f"supvegfru_{p}.txt"))}
+    class_of_label, group_of_label, sup_of_label = {}, {}, {}
+    for p, entries in all_lists.items():
+        sup_of_path = dict(sup_lists.get(p, []))
+        for path, label in entries:
+            name, match = path.split("/")[1], VEGFRU_FILE.search(path)
+            group = f"{'veg' if match.group(1) == 'v' else 'fru'}_{match.group(2)}" if match else None
+            tables = [(class_of_label, name), (group_of_label, group)]
+            if sup_of_path:
+                tables.append((sup_of_label, sup_of_path.get(path)))
+            for table, value in tables:
+                if table.setdefault(label, value) != value:
+                    raise ValueError(f"{lists}: label {label} appears with {table[label]!r} and {value!r} ({path})")
+    num_classes = len(class_of_label)
+    if sorted(class_of_label) != list(range(num_classes)):
+        raise ValueError(f"{lists}: labels must be 0..{num_classes - 1}")
+    if any(g is None for g in group_of_label.values()) and not sup_lists:
+        raise ValueError(f"{lists}: no supvegfru_*.txt and file names not like v_SS_CC_NNNN.jpg: no superclasses")
+    if sup_lists:  # superclass ids from the lists, named by the file-name code they carry
+        superclass_of = [sup_of_label[i] for i in range(num_classes)]
+        codes = {}
+        for i, s in enumerate(superclass_of):
+            codes.setdefault(s, set()).add(group_of_label[i])
+        if sorted(codes) != list(range(len(codes))):
+            raise ValueError(f"{lists}: supvegfru_*.txt superclass ids must be 0..{len(codes) - 1}")
+        names = [codes[s].pop() if len(codes[s]) == 1 else None for s in range(len(codes))]
+        if all(group_of_label.values()) and (None in names or len(set(names)) != len(names)):
+            raise ValueError(f"{lists}: the superclass ids of supvegfru_*.txt do not match the file names' "
+                             f"v_SS/f_SS codes one to one")
+        superclass_names = [name or f"superclass {s}" for s, name in enumerate(names)]
+    else:  # from the file names: vegetable groups, then fruit groups
+        superclass_names = sorted(set(group_of_label.values()), key=lambda g: (g[:3] != "veg", g))
+        superclass_of = [superclass_names.index(group_of_label[i]) for i in range(num_classes)]
+    hierarchy = Hierarchy([class_of_label[i] for i in range(num_classes)], superclass_names, superclass_of)
+    entries = [e for p in parts for e in all_lists[p]]
+    return ImageDataset(root, [p for p, _ in entries], [label for _, label in entries], image_size, hflip), hierarchy
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The toy set: small pictures (32x32 by default) drawn with pillow from a seed. Superclasses differ at a glance
+# (shape, colour, background pattern); the fine classes of a superclass differ subtly (a small hue shift, the
+# number of stripes, the corner of a tiny mark). 'source' (the role ImageNet plays) and 'target' (new fine
+# classes, in the source's superclasses and in a new one) are folder trees root/<split>/<superclass>/<class>/*.png.
+
+TOY_VERSION = 1
+TOY_SUPERCLASSES = [  # name, shape, hue, background
+    ("discs", "disc", 0.00, "gradient"), ("squares", "square", 0.33, "stripes"),
+    ("triangles", "triangle", 0.60, "checker"), ("diamonds", "diamond", 0.13, "dots")]
+# fine classes within a superclass: (hue shift, number of stripes, corner of the mark)
+TOY_VARIANTS = [(0.00, 1, 0), (0.06, 1, 1), (0.00, 2, 2), (0.06, 2, 3), (0.03, 3, 0), (0.03, 3, 3)]
+TOY_SPLITS = {"source": [(s, v) for s in range(3) for v in range(4)],
+              "target": [(s, v) for s in range(3) for v in (4, 5)] + [(3, v) for v in range(4)]}
+
+
+def draw_toy_image(superclass, variant, rng, size):
+    """One picture of toy class (superclass, variant), drawn 4x larger then box-filtered to size x size."""
+    _, shape, hue, background = TOY_SUPERCLASSES[superclass]
+    hue_shift, stripes, corner = TOY_VARIANTS[variant]
+    S = 4 * size
+    yy, xx = np.mgrid[0:S, 0:S] / S
+    phase = rng.uniform(0, 1)
+    pattern = {"gradient": xx, "stripes": (xx * 4 + phase) % 1 < 0.5,
+               "checker": ((xx * 4 + phase) // 1 + (yy * 4) // 1) % 2,
+               "dots": (((xx * 5 + phase) % 1 - 0.5) ** 2 + ((yy * 5) % 1 - 0.5) ** 2) < 0.04}[background]
+    base = np.array(colorsys.hsv_to_rgb(hue, 0.25, 0.55)) * 255
+    canvas = Image.fromarray((base * (0.75 + 0.35 * pattern[..., None])).clip(0, 255).astype(np.uint8))
+    # the object: a shape with horizontal stripes, pasted through its mask
+    (cx, cy), r = S * (0.5 + rng.uniform(-0.08, 0.08, 2)), S * rng.uniform(0.24, 0.3)
+    mask = Image.new("L", (S, S))
+    draw = ImageDraw.Draw(mask)
+    if shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=255)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    color = np.array(colorsys.hsv_to_rgb((hue + hue_shift) % 1, 0.8, rng.uniform(0.8, 0.95))) * 255
+    layer = Image.new("RGB", (S, S), tuple(int(c) for c in color))
+    band = 2 * r / (2 * stripes + 1)
+    for k in range(stripes):  # dark bands at 1, 3, 5... band heights down the object
+        top = cy - r + (2 * k + 1) * band
+        ImageDraw.Draw(layer).rectangle([0, top, S, top + band], fill=tuple(int(c * 0.45) for c in color))
+    canvas.paste(layer, mask=mask)
+    # the mark: a tiny white square in one corner
+    m, x0, y0 = S // 16, S // 16 + (corner % 2) * (S - 3 * S // 16), S // 16 + (corner // 2) * (S - 3 * S // 16)
+    ImageDraw.Draw(canvas).rectangle([x0, y0, x0 + m, y0 + m], fill=(255, 255, 255))
+    pixels = np.asarray(canvas.resize((size, size), resample=Image.BOX)).astype(np.float64)
+    return Image.fromarray((pixels + rng.normal(0, 3, pixels.shape)).round().clip(0, 255).astype(np.uint8))
+
+
+def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
+    """Write the toy set under root (once: a manifest records the settings; different settings regenerate it)."""
+    manifest_path = os.path.join(root, "toy.json")
+    manifest = dict(version=TOY_VERSION, seed=seed, image_size=image_size, images_per_class=images_per_class)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f) == manifest:
+                return root
+        os.remove(manifest_path)
+        for split in TOY_SPLITS:
+            shutil.rmtree(os.path.join(root, split), ignore_errors=True)
+    elif any(os.path.exists(os.path.join(root, split)) for split in TOY_SPLITS):
+        raise FileExistsError(f"{root} holds a source/ or target/ folder that the toy generator did not write "
+                              f"(no toy.json): give the toy set another path")
+    for split, classes in TOY_SPLITS.items():
+        for s, v in tqdm(classes, desc=f"toy {split}", leave=False):
+            folder = os.path.join(root, split, TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}")
+            os.makedirs(folder, exist_ok=True)
+            for n in range(images_per_class):
+                rng = np.random.default_rng([seed, s, v, n])  # one stream per image: any image regenerates alone
+                draw_toy_image(s, v, rng, image_size).save(os.path.join(folder, f"{n:04d}.png"))
+    with open(manifest_path, "w") as f:  # written last: an interrupted generation starts over
+        json.dump(manifest, f)
+    return root
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The entry point the training script calls.
+
+DEFAULT_SPLITS = dict(inat="train_mini", vegfru="train", toy="source")
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def load_dataset(kind, path, image_size, split=None, hflip=True, seed=0):
+    """kind in inat/vegfru/folder/toy -> (ImageDataset, Hierarchy). toy: path is where to generate it
+    (default cache/toy), split source/target; folder: split, when given, is a subfolder of path."""
+    split = split or DEFAULT_SPLITS.get(kind)
+    if kind == "toy":
+        path = path or os.path.join("cache", "toy")
+        if split not in TOY_SPLITS:
+            raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
+        if not distributed() or dist.get_rank() == 0:
+            make_toy_dataset(path, seed=seed, image_size=image_size)
+        if distributed():  # the other ranks wait for rank 0's files
+            dist.barrier()
+        return load_folder(os.path.join(path, split), image_size, hflip)
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(f"--data {kind}: the data path {path!r} is not a folder; " + dict(
+            inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
+            vegfru=f"expected the VegFru root holding veg200_images/, fru92_images/ and vegfru_list/ ({VEGFRU_SOURCE})",
+            folder="expected a folder root/<superclass>/<class>/*.jpg").get(kind, f"unknown kind {kind!r}"))
+    if kind == "inat":
+        return load_inat(path, split, image_size, hflip)
+    if kind == "vegfru":
+        return load_vegfru(path, split, image_size, hflip)
+    if kind == "folder":
+        return load_folder(os.path.join(path, split) if split else path, image_size, hflip)
+    raise ValueError(f"unknown dataset kind {kind!r}: choose from inat, vegfru, folder, toy")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The latent cache. cache_dir/latents.npy (memory-mapped) holds, for every dataset index (both mirrors of each
+# image), the VAE posterior's moments ALREADY MULTIPLIED BY vae.scaling_factor: (len, 2, C, h, w) = (mean, std),
+# so z = mean + std * randn is directly what the diffusion model sees. float16 by default (half the disk: about
+# 16 GB for iNat mini at 256 px; a relative rounding of 5e-4, far below the posterior's own noise). labels.npy
+# holds the labels and meta.json what the cache was built from; a cache that no longer matches is refused.
+# Several ranks: rank 0 preallocates the file, every rank encodes images rank, rank + W, ... into their rows,
+# rank 0 writes meta.json last ("complete"). Unreadable images are skipped: their rows are left out and listed.
+
+
+def vae_fingerprint(vae):
+    """A few numbers of every weight tensor: cheap, device independent, and different for a different VAE."""
+    h = hashlib.sha1()
+    for name, p in vae.state_dict().items():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _ImageOrError(Dataset):
+    """Image j of a dataset -> (j, (H, W, 3) uint8 tensor, '') or (j, None, why it could not be read)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        j = int(self.indices[k])
+        try:
+            return j, torch.from_numpy(self.dataset.read(j).copy()), ""
+        except Exception as e:
+            return j, None, f"{type(e).__name__}: {e}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def read_images(dataset, indices=None, batch_size=64, num_workers=4, rank=0):
+    """Decode images (all, or `indices`) in DataLoader workers. Yields (indices (B,), pixels (B, H, W, 3) uint8)
+    of the readable ones; the others go to dataset.skipped (file -> reason)."""
+    indices = np.arange(len(dataset.files)) if indices is None else indices
+    loader = DataLoader(_ImageOrError(dataset, indices), batch_size, num_workers=num_workers, collate_fn=_as_list)
+    for batch in tqdm(loader, desc="reading images", disable=rank != 0, dynamic_ncols=True):
+        for j, pixels, reason in batch:
+            if pixels is None:
+                dataset.report(j, reason)
+        good = [(j, pixels) for j, pixels, _ in batch if pixels is not None]
+        if good:
+            yield np.array([j for j, _ in good]), torch.stack([p for _, p in good])
+
+
+def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size=32, num_workers=4,
+                       dtype="float16"):
+    """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache -> LatentDataset.
+    Every rank calls this (torch.distributed initialized when world_size > 1)."""
+    meta_path, latents_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "latents.npy")
+    wanted = dict(format=1, files=dataset.fingerprint(), num_images=len(dataset.files), image_size=dataset.image_size,
+                  hflip=dataset.hflip, vae=vae_fingerprint(vae), scaling_factor=float(vae.scaling_factor),
+                  dtype=np.dtype(dtype).name)
+    state = None  # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
+    if rank == 0:
+        state = "build"
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                found = json.load(f)
+            differs = [k for k in wanted if found.get(k) != wanted[k]]
+            if found.get("complete") and differs:
+                state = (f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)} "
+                         f"({', '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differs)}). "
+                         f"Delete {cache_dir} to rebuild it, or give another cache folder.")
+            elif found.get("complete"):
+                state = "ready"
+    if world_size > 1:
+        state = [state]
+        dist.broadcast_object_list(state)
+        state = state[0]
+    if state not in ("ready", "build"):
+        raise ValueError(state)
+    if state == "ready":
+        return LatentDataset(cache_dir)
+
+    device = next(vae.parameters()).device
+    flips = 2 if dataset.hflip else 1
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with torch.no_grad():
+            latent_shape = tuple(vae.encode(torch.zeros(1, 3, dataset.image_size, dataset.image_size,
+                                                        device=device)).mean.shape[1:])
+        with open(meta_path, "w") as f:
+            json.dump(dict(wanted, complete=False), f)
+        np.lib.format.open_memmap(latents_path, mode="w+", dtype=dtype, shape=(len(dataset), 2) + latent_shape).flush()
+        np.save(os.path.join(cache_dir, "labels.npy"), np.repeat(dataset.labels, flips))
+    if world_size > 1:
+        dist.barrier()
+    latents = np.load(latents_path, mmap_mode="r+")
+    dataset.skipped = {}
+    my_images = np.arange(rank, len(dataset.files), world_size)
+    for images, pixels in read_images(dataset, my_images, batch_size, num_workers, rank):
+        x = to_tensor(pixels)  # (B, 3, H, W)
+        if flips == 2:  # rows 2j, 2j + 1: image j, then mirrored, as the dataset indexes them
+            x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
+        with torch.no_grad():
+            posterior = vae.encode(x.to(device))
+            moments = torch.stack([posterior.mean, posterior.std], dim=1) * vae.scaling_factor  # (B*flips, 2, C, h, w)
+        rows = (images[:, None] * flips + np.arange(flips)).reshape(-1)
+        latents[rows] = moments.float().cpu().numpy().astype(dtype)
+    latents.flush()
+    del latents
+    skipped = [dataset.skipped]
+    if world_size > 1:
+        skipped = [None] * world_size
+        dist.all_gather_object(skipped, dataset.skipped)
+    if rank == 0:
+        index_of = {str(f): j for j, f in enumerate(dataset.files)}
+        report = sorted((index_of[f], f, why) for s in skipped for f, why in s.items())
+        with open(meta_path, "w") as f:
+            json.dump(dict(wanted, complete=True, skipped=[dict(index=j, file=f, reason=why) for j, f, why in report]),
+                      f, indent=1)
+        if report:
+            print(f"latent cache: skipped {len(report)} unreadable images (listed in {meta_path}): "
+                  + "; ".join(f"{f} ({why})" for _, f, why in report[:5]), file=sys.stderr)
+    if world_size > 1:
+        dist.barrier()
+    return LatentDataset(cache_dir)
+
+
+class LatentDataset(Dataset):
+    """Items ((mean, std) each (C, h, w) float32, already scaled by the VAE's scaling_factor, fine label) from a
+    cache written by build_latent_cache; sample the posterior with z = mean + std * torch.randn_like(std)."""
+
+    def __init__(self, cache_dir):
+        with open(os.path.join(cache_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        if not self.meta.get("complete"):
+            raise ValueError(f"latent cache {cache_dir} is incomplete (its build was interrupted): "
+                             f"delete it and rebuild")
+        self.path = os.path.join(cache_dir, "latents.npy")
+        self.latent_shape = tuple(np.load(self.path, mmap_mode="r").shape[2:])  # (C, h, w) the model sees
+        self.labels = np.load(os.path.join(cache_dir, "labels.npy"))
+        flips = 2 if self.meta["hflip"] else 1
+        bad_rows = [s["index"] * flips + f for s in self.meta["skipped"] for f in range(flips)]
+        self.rows = np.setdiff1d(np.arange(len(self.labels)), bad_rows)  # dataset index -> row of latents.npy
+        self.latents = None  # opened on first use, in each DataLoader worker
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getstate__(self):  # workers reopen the memmap rather than receive a pickled copy of it
+        return dict(self.__dict__, latents=None)
+
+    def __getitem__(self, i):
+        if self.latents is None:
+            self.latents = np.load(self.path, mmap_mode="r")
+        row = self.rows[i]
+        moments = torch.from_numpy(self.latents[row].astype(np.float32))  # (2, C, h, w)
+        return (moments[0], moments[1]), int(self.labels[row])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Command line: summarize a dataset, optionally read every image to find bad ones, save its class hierarchy.
+
+
+def main():
+    p = argparse.ArgumentParser(description="Summarize a dataset and its class hierarchy; find unreadable images.")
+    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"])
+    p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it, default cache/toy)")
+    p.add_argument("--split", default=None, help="inat: train_mini/train/val; vegfru: train/val/test/trainval; "
+                                                  "toy: source/target")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
+    args = p.parse_args()
+    dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)
+    counts = np.bincount(np.asarray(hierarchy.class_to_superclass)[dataset.labels],
+                         minlength=len(hierarchy.superclass_names))
+    print(f"{len(dataset.files):,} images of {len(hierarchy.class_names):,} classes in "
+          f"{len(hierarchy.superclass_names)} superclasses ({len(dataset):,} items with mirrors)")
+    for s, name in enumerate(hierarchy.superclass_names):
+        print(f"  {s:3d} {name:24s} {hierarchy.class_to_superclass.count(s):6,} classes {counts[s]:9,} images")
+    if args.check:
+        for _ in read_images(dataset, num_workers=args.num_workers):
+            pass
+        print(f"{len(dataset.skipped)} unreadable images"
+              + "".join(f"\n  {f}: {why}" for f, why in dataset.skipped.items()))
+    if args.save_hierarchy:
+        hierarchy.to_json(args.save_hierarchy)
+        print(f"saved {args.save_hierarchy}")
+
+
+if __name__ == "__main__":
+    main()

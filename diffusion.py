@@ -1,0 +1,217 @@
+"""
+Gaussian diffusion as DiT uses it, in one file: the linear DDPM schedule (Ho et al. 2020), learned-range
+variances and the hybrid loss of Improved DDPM (Nichol & Dhariwal 2021), timestep respacing, and the DDPM
+and DDIM (Song et al. 2021) samplers. Numerically it matches the official DiT `diffusion/` package.
+
+The model is any callable `model(x, t, **model_kwargs) -> (N, 2C, H, W)`: eps in the first C channels,
+the variance interpolation v in [-1, 1] in the other C. Guidance needs nothing from this file: the
+guided callable is `model.forward_with_cfg` run on a doubled batch [z, z] with labels [c, parent].
+"""
+import math
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------------------------------------
+# Noise schedule and timestep respacing
+
+
+def linear_betas(num_timesteps=1000):
+    """beta_1..beta_T linear from 1e-4 to 0.02 for T = 1000 (Ho et al. Sec. 4), float64 as the official code."""
+    scale = 1000 / num_timesteps  # the official rule for other T
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def space_timesteps(num_timesteps, spacing):
+    """
+    Which of the original timesteps a respaced sampler keeps (sorted), as the official `space_timesteps`:
+    "ddim50" -> the integer stride that gives exactly 50 steps from 0; "250" -> 250 evenly spread steps,
+    first and last included; "10,20" -> the range cut into equal sections, 10 steps in the first, 20 in the next.
+    """
+    if spacing.startswith("ddim"):
+        count = int(spacing[len("ddim"):])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == count:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot take exactly {count} of {num_timesteps} steps with an integer stride")
+    counts = [int(c) for c in spacing.split(",")]
+    size, extra = divmod(num_timesteps, len(counts))
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        length = size + (i < extra)  # the first `extra` sections are one step longer
+        if not 1 <= count <= length:
+            raise ValueError(f"cannot take {count} steps from a section of {length} (spacing {spacing!r})")
+        stride = (length - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))  # accumulate, as the official code, so rounding agrees with it
+            position += stride
+        start += length
+    return kept
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Gaussians: KL divergence and the discretized decoder likelihood (Ho et al. Sec. 3.3)
+
+
+def mean_flat(x):
+    """Mean over every dimension but the batch: (N, ...) -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """Phi(x) by the tanh approximation of the GELU paper, as the official code (exactness is not the point)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """
+    log p(x) of data in [-1, 1] quantized to 256 levels under N(mean, e^(2 log_scale)): the Gaussian's mass on
+    x's bin of width 2/255, with the edge bins reaching to -inf / +inf (Ho et al. Eq. 13). Elementwise, nats.
+    """
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1 / 255))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The diffusion process
+
+
+class Diffusion:
+    """
+    A DDPM with betas (T,) over kept timesteps; timestep_map[i] is the original timestep of step i, which is what
+    the model sees. Schedule arrays stay float64 and are read per timestep as float32, as the official code.
+    """
+
+    def __init__(self, betas, timestep_map):
+        self.betas = betas  # (T,) float64
+        self.num_timesteps = len(betas)
+        self.timestep_map = torch.as_tensor(timestep_map, dtype=torch.long)  # (T,)
+        alphas = 1 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, dim=0)  # alpha_bar_t
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])  # alpha_bar_{t-1}
+        # the posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t)  (Ho et al. Eq. 6-7)
+        one_minus = 1 - self.alphas_cumprod
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / one_minus  # beta~_t
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / one_minus
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * alphas.sqrt() / one_minus
+        # beta~_0 = 0, so its log is clipped to beta~_1's, as the official code
+        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2],
+                                                                   self.posterior_variance[1:]]))
+
+    @staticmethod
+    def at(values, t):
+        """values (T,) float64 read at timesteps t (N,) -> (N, 1, 1, 1) float32, broadcastable over images."""
+        return values.to(t.device)[t].float().view(-1, 1, 1, 1)
+
+    def q_sample(self, x_start, t, noise):
+        """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (Ho et al. Eq. 4)."""
+        ac = self.alphas_cumprod
+        return self.at(ac.sqrt(), t) * x_start + self.at((1 - ac).sqrt(), t) * noise
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)  (Ho et al. Eq. 7)."""
+        mean = self.at(self.posterior_mean_coef1, t) * x_start + self.at(self.posterior_mean_coef2, t) * x_t
+        return mean, self.at(self.posterior_variance, t), self.at(self.posterior_log_variance_clipped, t)
+
+    def p_mean_variance(self, model, x, t, model_kwargs=None, clip_denoised=False):
+        """p(x_{t-1} | x_t) from one model call; t (N,) are step indices, the model sees timestep_map[t]."""
+        model_output = model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        return self.p_from_output(model_output, x, t, clip_denoised)
+
+    def p_from_output(self, model_output, x, t, clip_denoised=False):
+        """model_output (N, 2C, H, W) -> dict of mean, variance, log_variance, pred_xstart, each (N, C, H, W)."""
+        eps, v = model_output.split(x.shape[1], dim=1)
+        # learned range: log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 (Improved DDPM Eq. 15)
+        min_log = self.at(self.posterior_log_variance_clipped, t)
+        max_log = self.at(self.betas.log(), t)
+        frac = (v + 1) / 2
+        log_variance = frac * max_log + (1 - frac) * min_log
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Ho et al. Eq. 4 solved for x_0)
+        ac = self.alphas_cumprod
+        pred_xstart = self.at((1 / ac).sqrt(), t) * x - self.at((1 / ac - 1).sqrt(), t) * eps
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)  # mu~(x_t, x_0^) (Ho et al. Eq. 7)
+        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """
+        The hybrid loss L_simple + L_vlb of Improved DDPM (Eq. 16), per sample: `mse` is the eps MSE (Ho et al.
+        Eq. 14); `vb` is L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the decoder NLL
+        L_0 = -log p(x_0|x_1) at t = 0, in bits per dimension. `vb` is one sampled term, L_vlb / T, which with T = 1000
+        is the paper's lambda = 0.001. It sees the mean detached, so it trains only the variance (Sec. 3.1).
+        """
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = self.q_sample(x_start, t, noise)
+        model_output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))  # (N, 2C, H, W)
+        eps, v = model_output.split(x_start.shape[1], dim=1)
+        p = self.p_from_output(torch.cat([eps.detach(), v], dim=1), x_t, t)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"]))
+        vb = torch.where(t == 0, nll / math.log(2.0), kl)
+        mse = mean_flat((noise - eps) ** 2)
+        return dict(loss=mse + vb, mse=mse, vb=vb)
+
+
+def create_diffusion(timestep_respacing="", num_timesteps=1000):
+    """
+    DiT's diffusion: linear betas over 1000 steps, eps prediction, learned-range sigma, MSE + VLB. A respacing
+    ("250", "10,20", "ddim50"; "" keeps all) keeps some timesteps and recomputes betas from their alpha_bar so the
+    kept chain has the same marginals: beta'_i = 1 - alpha_bar_{k_i} / alpha_bar_{k_(i-1)}  (Improved DDPM Sec. 4).
+    """
+    kept = space_timesteps(num_timesteps, timestep_respacing or str(num_timesteps))
+    alphas_cumprod = torch.cumprod(1 - linear_betas(num_timesteps), dim=0)[kept]
+    betas = 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return Diffusion(betas, kept)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Samplers: sampler(model, x_T, diffusion, model_kwargs, progress) -> x_0, one model call per kept step
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, diffusion, model_kwargs=None, progress=True, clip_denoised=False):
+    """
+    Ancestral sampling, Ho et al. 2020 Alg. 2, with the learned variance of Improved DDPM:
+    x_{t-1} = mu(x_t, t) + sigma_t z, z ~ N(0, I), z = 0 at the last step. One randn_like per step, the last
+    included, so a seed gives the official code's samples.
+    """
+    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        p = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        noise = torch.randn_like(x)
+        x = p["mean"] + (i > 0) * torch.exp(0.5 * p["log_variance"]) * noise  # Alg. 2 line 4
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, diffusion, model_kwargs=None, progress=True, eta=0.0, clip_denoised=False):
+    """
+    DDIM, Song et al. 2021 Eq. 12: x_{t-1} = sqrt(alpha_bar_{t-1}) x_0^ + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
+    + sigma_t z, where sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_{t-1}))
+    (Eq. 16). eta = 0 is deterministic, eta = 1 is DDPM with the posterior variance. Run it on a "ddimN" respacing.
+    """
+    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        p = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        ac = diffusion.alphas_cumprod
+        # eps consistent with the (possibly clipped) x_0^: Ho et al. Eq. 4 solved for eps
+        eps = (diffusion.at((1 / ac).sqrt(), t) * x - p["pred_xstart"]) / diffusion.at((1 / ac - 1).sqrt(), t)
+        alpha_bar, alpha_bar_prev = diffusion.at(ac, t), diffusion.at(diffusion.alphas_cumprod_prev, t)
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        noise = torch.randn_like(x)  # drawn at every step, as the official code, so a seed gives its samples
+        mean = p["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        x = mean + sigma * noise  # sigma is exactly 0 at the last step, where alpha_bar_prev = 1
+    return x

@@ -176,7 +176,8 @@ def main(args):
     vae = None if args.vae == "none" else load_vae(args.vae, device)
     dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
     if args.latent_cache and vae is not None:
-        dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size)
+        dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
+                                          num_workers=args.num_workers)
     # the DiT sees latents (the SD VAE: 4 channels, 1/8 of the image size) or pixels
     latent_channels = vae.post_quant_conv.in_channels if vae else 3
     input_size = args.image_size // 2 ** (len(vae.encoder.down_blocks) - 1) if vae else args.image_size

@@ -82,3 +82,21 @@ def test_base_checkpoint_that_does_not_fit(toy_runs):
                                  "--model", "DiT-S/4", "--max-steps", "0"]
     with pytest.raises(SystemExit, match="not --model DiT-S/4"):
         train.main(train.parse_args(args))
+
+
+def test_latent_training_from_the_cache(toy_runs, tmp_path):
+    """--vae with --latent-cache: the data is encoded once, then each step samples the cached posterior."""
+    import json
+    from conftest import fixture
+    from model import write_safetensors
+    f = fixture("vae_tiny.pt")
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    write_safetensors(f["state_dict"], str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    (vae_dir / "config.json").write_text(json.dumps(dict(f["config"], scaling_factor=f["scaling_factor"])))
+    args = [a if a != "none" else str(vae_dir) for a in toy_runs["common"]]
+    args += ["--split", "source", "--method", "full", "--max-steps", "2", "--model", "DiT-T/2",
+             "--latent-cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
+    model, run_dir = train.main(train.parse_args(args))
+    assert model.in_channels == f["config"]["latent_channels"] and (tmp_path / "cache" / "latents.npy").exists()
+    assert "step 0000002" in open(os.path.join(run_dir, "log.txt")).read()

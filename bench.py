@@ -94,10 +94,8 @@ def sampling_throughput(args, device):
     results = {}
     for method in ["base"] + [m for m in args.methods.split(",") if m != "full"]:
         torch.manual_seed(0)
-        model = DiT(input_size=args.image_size // 8, num_classes=1000, **DIT_CONFIGS[args.model]).to(device)
-        if method != "base":
-            model = merge(build(args, method, device))
-        model.eval()
+        model = (DiT(input_size=args.image_size // 8, num_classes=1000, **DIT_CONFIGS[args.model]).to(device)
+                 if method == "base" else merge(build(args, method, device))).eval()
         n, size = args.batch_size, args.image_size // 8
         z = torch.randn(n, 4, size, size, device=device)
         labels = torch.randint(0, model.y_embedder.num_classes, (n,), device=device)
@@ -108,7 +106,6 @@ def sampling_throughput(args, device):
             seconds = timed(lambda: sample_ddpm(model.forward_with_cfg, torch.cat([z, z]), diffusion, kwargs, False),
                             1, device)
         results[method] = n * args.sample_steps / seconds  # image-steps per second
-        del model
     return results
 
 

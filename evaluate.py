@@ -8,10 +8,12 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
 3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
 4) The parameter / training-cost table (Table 2).
 
-    python evaluate.py ref-stats --ref /data/inat_val --out ref256.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py ref-stats --ref-data inat --ref /data/inat2021 --ref-split val --out ref256.npz \
+        --inception pt_inception-2015-12-05-6726825d.pth  # also: --ref-data vegfru/toy, a folder tree, an .npz
     python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
     python evaluate.py table r.json                       # Table 1 as markdown
+    python evaluate.py params --logs results/*/log.txt    # Table 2 as markdown
     python evaluate.py tsne --checkpoint ckpt.pt --out figure7.png
 """
 import argparse
@@ -28,7 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import check_state_dict
+from data import load_dataset, read_images, to_tensor
+from model import DIT_CONFIGS, check_state_dict, load_state_dict_file
+from peft import METHODS, parameter_table
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -36,14 +40,14 @@ LPIPS_SOURCE = ("LPIPS v0.1 (alex) is two files: the linear heads `lpips/weights
                 "(github.com/richzhang/PerceptualSimilarity) and torchvision's AlexNet "
                 "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth; pass both, or one file saved with "
                 "torch.save(lpips.LPIPS(net='alex').state_dict(), path).")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def read_weights(path, where_to_get):
-    """A state dict from a user-given file (tensors only), or an error that says where the file comes from."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights file at {path}. {where_to_get}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict from a user-given file, or an error that says where the file comes from."""
+    try:
+        return load_state_dict_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. {where_to_get}") from None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -122,10 +126,7 @@ class InceptionC(nn.Module):
         self.branch_pool = ConvBN(in_channels, 192, 1)
 
     def forward(self, x):
-        dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            dbl = conv(dbl)
+        dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
         return torch.cat([self.branch1x1(x),
                           self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
                           dbl,
@@ -268,14 +269,12 @@ class AlexNetFeatures(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Per-channel weights of one layer's squared feature difference (a 1x1 conv to one channel)."""
+    """Per-channel weights of one layer's squared feature difference: `model` is a 1x1 conv to one channel, held
+    where lpips keeps it (lin{k}.model.1.weight)."""
 
     def __init__(self, channels):
         super().__init__()
-        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))  # index 1: lpips' keys
-
-    def forward(self, x):
-        return self.model(x)
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
 
 
 class LPIPS(nn.Module):
@@ -295,7 +294,7 @@ class LPIPS(nn.Module):
         distance = 0
         for head, f in zip(self.lins, self.net(self.scaling_layer(torch.cat([a, b])))):
             f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
-            distance = distance + head((f[:n] - f[n:]).square()).mean(dim=(2, 3))  # (N, 1)
+            distance = distance + head.model((f[:n] - f[n:]).square()).mean(dim=(2, 3))  # (N, 1)
         return distance[:, 0]
 
 
@@ -303,10 +302,8 @@ ALEXNET_SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision `features.i` -> L
 
 
 def lpips_from_state_dict(state_dict, source="the state dict"):
-    """
-    Assemble LPIPS from what the user has: an LPIPS state dict, the lpips package's lin file (lin0..lin4 only),
-    torchvision's AlexNet (`features.i.*`, `classifier.*`), or a merge of those; then a strict, checked load.
-    """
+    """LPIPS from what the user has: an LPIPS state dict, the lpips package's lin file (lin0..lin4 only),
+    torchvision's AlexNet (`features.i.*`, `classifier.*`), or a merge of those; then a strict, checked load."""
     model = LPIPS()
     merged = {k: v for k, v in model.state_dict().items() if k.startswith("scaling_layer.")}  # fixed constants
     for key, value in state_dict.items():
@@ -328,9 +325,7 @@ def lpips_from_state_dict(state_dict, source="the state dict"):
 
 def load_lpips(paths, device="cpu"):
     """LPIPS from one combined file or from the lin file plus torchvision's AlexNet file."""
-    state_dict = {}
-    for path in paths:
-        state_dict.update(read_weights(path, LPIPS_SOURCE))
+    state_dict = {k: v for path in paths for k, v in read_weights(path, LPIPS_SOURCE).items()}
     return lpips_from_state_dict(state_dict, " + ".join(paths)).to(device)
 
 
@@ -365,15 +360,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # -----------------------------------------------------------------------------------------------------------
 # Image sets. Samples: the ADM-style .npz that sample.py writes (uint8 NHWC `arr_0`, fine `labels`, and when the
 # class hierarchy is known `superclass_labels` (0..S-1), `superclass_names`, `class_names`). References: the same
-# .npz, or a folder tree root/<superclass>/<class>/*.jpg read lazily with ADM's centre crop.
+# .npz, or any data set of data.py (iNat 2021 val as distributed, a folder tree, ...) read lazily, centre-cropped.
 
 
 def read_class_map(class_map):
-    """
-    The fine -> superclass map: a list (superclass ids, or superclass names), a JSON file holding one, or a JSON
-    object {"class_to_superclass": [...], "superclass_names": [...]} (the hierarchy our checkpoints store).
-    Returns (class_to_superclass (C,) int array, superclass names or None).
-    """
+    """A list of superclass ids or names, a JSON file of one, or a hierarchy {"class_to_superclass": [...],
+    "superclass_names": [...]} (as checkpoints store it) -> (class_to_superclass (C,) int array, names or None)."""
     if isinstance(class_map, (str, os.PathLike)):
         with open(class_map) as f:
             class_map = json.load(f)
@@ -406,58 +398,27 @@ def read_image_npz(path, class_map=None):
     return data
 
 
-def read_image_folder(root):
-    """root/<superclass>/<class>/*.jpg -> the same dict as read_image_npz, with image paths instead of pixels."""
-    subdirs = lambda d: sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
-    paths, labels, superclass_labels, class_names = [], [], [], []
-    superclass_names = subdirs(root)
-    for s, superclass in enumerate(superclass_names):
-        for name in subdirs(os.path.join(root, superclass)):
-            folder = os.path.join(root, superclass, name)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-            paths += [os.path.join(folder, f) for f in files]
-            labels += [len(class_names)] * len(files)
-            superclass_labels += [s] * len(files)
-            class_names.append(name)
-    if not paths:
-        raise ValueError(f"no images under {root}: expected root/<superclass>/<class>/*.jpg")
-    return dict(images=paths, labels=np.array(labels), superclass_labels=np.array(superclass_labels),
-                superclass_names=superclass_names, class_names=class_names)
+def read_image_set(path, kind=None, split=None, image_size=256, class_map=None):
+    """An images .npz (read_image_npz), or a data set of data.py (kind inat/vegfru/folder/toy; a folder path
+    defaults to "folder") read unmirrored at `image_size`: the same dict with the ImageDataset as "images"."""
+    if kind is None and not os.path.isdir(path):
+        return read_image_npz(path, class_map)
+    dataset, hierarchy = load_dataset(kind or "folder", path, image_size, split, hflip=False)
+    return dict(images=dataset, labels=dataset.labels,
+                superclass_labels=np.asarray(hierarchy.class_to_superclass)[dataset.labels],
+                superclass_names=hierarchy.superclass_names, class_names=hierarchy.class_names)
 
 
-def read_image_set(path, class_map=None):
-    return read_image_folder(path) if os.path.isdir(path) else read_image_npz(path, class_map)
-
-
-def center_crop(image, size):
-    """ADM's centre crop: halve with a box filter while possible, bicubic to `size` on the short side, crop."""
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    pixels = np.asarray(image)
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-    return pixels[top:top + size, left:left + size]  # (size, size, 3) uint8
-
-
-def image_batch(images, index, image_size):
-    """Rows `index` of an image set (array, or file paths read at `image_size`) -> (B, 3, H, W) float in [0, 1]."""
+def image_batches(images, batch_size=50, num_workers=4):
+    """An image set -> batches (rows (B,), images (B, 3, H, W) float in [0, 1]): slices of a uint8 array
+    (N, H, W, 3), or an ImageDataset decoded in DataLoader workers (unreadable files are reported and skipped)."""
     if isinstance(images, np.ndarray):
-        pixels = images[index]
+        starts = tqdm(range(0, len(images), batch_size), desc="images")
+        batches = ((np.arange(i, min(i + batch_size, len(images))), images[i:i + batch_size]) for i in starts)
     else:
-        pixels = np.stack([center_crop(Image.open(images[i]), image_size) for i in index])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-
-
-@torch.no_grad()
-def inception_features(inception, images, batch_size=50, image_size=256, device="cpu"):
-    """An image set -> its (N, 2048) pool3 features, float64."""
-    features = []
-    for start in tqdm(range(0, len(images), batch_size), desc="inception features"):
-        index = np.arange(start, min(start + batch_size, len(images)))
-        features.append(inception(image_batch(images, index, image_size).to(device)).double().cpu())
-    return torch.cat(features).numpy()
+        batches = read_images(images, batch_size=batch_size, num_workers=num_workers)
+    for rows, pixels in batches:
+        yield rows, torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 255
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -500,10 +461,18 @@ def fid_by_superclass(sample_stats, reference_stats):
             for name in sample_stats if name in reference_stats}
 
 
-def image_set_statistics(path, inception, class_map=None, batch_size=50, image_size=256, device="cpu"):
-    images = read_image_set(path, class_map)
-    features = inception_features(inception, images["images"], batch_size, image_size, device)
-    return set_statistics(features, images["superclass_labels"], images["superclass_names"])
+@torch.no_grad()
+def image_set_statistics(path, inception, kind=None, split=None, image_size=256, class_map=None, batch_size=50,
+                         num_workers=4, device="cpu"):
+    """An image set (see read_image_set) -> the statistics of its pool3 features, overall and per superclass."""
+    image_set = read_image_set(path, kind, split, image_size, class_map)
+    rows, features = [], []
+    for index, batch in image_batches(image_set["images"], batch_size, num_workers):
+        rows.append(index)
+        features.append(inception(batch.to(device)).double().cpu())  # (B, 2048)
+    labels = image_set["superclass_labels"]
+    return set_statistics(torch.cat(features).numpy(), None if labels is None else labels[np.concatenate(rows)],
+                          image_set["superclass_names"])
 
 
 def reference_statistics(ref, inception, cache=None, **options):
@@ -545,7 +514,7 @@ def lpips_diversity(lpips, images, labels, superclass_labels=None, superclass_na
         raise ValueError("LPIPS diversity needs at least two samples of one class")
     distances = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="LPIPS pairs"):
-        a, b = (image_batch(images, pairs[start:start + batch_size, k], None).to(device) * 2 - 1 for k in (0, 1))
+        a, b = (to_tensor(images[pairs[start:start + batch_size, k]]).to(device) for k in (0, 1))  # [-1, 1]
         distances.append(lpips(a, b).double().cpu())
     distances = torch.cat(distances).numpy()
     result = {"overall": float(distances.mean())}
@@ -714,21 +683,35 @@ def results_table(results):
     return "\n".join(lines)
 
 
-def param_table(rows):
-    """
-    Table 2 from dicts with "method", "total", "trainable" and, where known, "delta_mib" (delta checkpoint size),
-    "gpu_hours", "steps_per_s". Training time is relative to the first row (full fine-tuning in the paper).
-    """
-    base_hours = rows[0].get("gpu_hours") if rows else None
-    lines = ["| Method | Params trained (M) | Total (M) | Delta (MiB) | GPU hours | Steps/s | Training time |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        hours = r.get("gpu_hours")
-        relative = f"{hours / base_hours:.3f}×" if hours is not None and base_hours else "–"
-        known = lambda key, fmt: format(r[key], fmt) if r.get(key) is not None else "–"
-        lines.append(f"| {r['method']} | {r['trainable'] / 1e6:.2f} ({100 * r['trainable'] / r['total']:.2f}%) | "
-                     f"{r['total'] / 1e6:.2f} | {known('delta_mib', ',.1f')} | {known('gpu_hours', ',.1f')} | "
-                     f"{known('steps_per_s', '.2f')} | {relative} |")
+def training_throughput(logs):
+    """{method: median images/s} from train.py's log.txt files: the first line starts with the method
+    ("finediffusion: 12,512 of ..."), each logged interval ends in "... 290.2 images/s" (the median: start-up aside)."""
+    speeds = {}
+    for path in logs:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        method = lines[0].split(":")[0] if lines else ""
+        if method not in METHODS:
+            raise ValueError(f"{path}: not a train.py log, its first line should start with one of {METHODS} and ':'")
+        speeds.setdefault(method, []).extend(float(line.split()[-2]) for line in lines
+                                             if line.startswith("step ") and line.endswith(" images/s"))
+    return {method: float(np.median(values)) for method, values in speeds.items() if values}
+
+
+def param_table(model_name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11, logs=()):
+    """Table 2: parameters per method (peft.parameter_table) and, given train.py logs, training throughput and the
+    speed-up over full fine-tuning (the paper's training time, GPU days, is images seen / throughput)."""
+    speeds = training_throughput(logs)
+    header = "| Method | Total | Trainable | % | Delta (MiB) |" + (" Images/s | Speed-up |" if logs else "")
+    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+    rows = parameter_table(model_name, image_size, num_classes, num_superclasses)
+    for method, total, trainable, percent, mib in rows:
+        line = f"| {method} | {total:,} | {trainable:,} | {percent:.2f}% | {mib:,.1f} |"
+        if logs:
+            speed = speeds.get(method)
+            line += f" {speed:,.1f} |" if speed else " – |"
+            line += f" {speed / speeds['full']:.2f}× |" if speed and "full" in speeds else " – |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -748,7 +731,7 @@ def update_results(path, method, metric, values):
         json.dump(results, f, indent=2)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -759,15 +742,19 @@ def main():
         p.add_argument("--class-map", default=None, help="fine -> superclass JSON, if the .npz does not hold it")
         if inception:
             p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth")
-            p.add_argument("--image-size", type=int, default=256, help="centre-crop size of folder images")
+            p.add_argument("--image-size", type=int, default=256, help="centre-crop size of data set images")
+            p.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref's data.py kind "
+                           "(default: folder for a folder, else an .npz)")
+            p.add_argument("--ref-split", help="split of --ref-data, e.g. val (default: data.py's)")
 
     p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, cached to an .npz")
-    p.add_argument("--ref", required=True, help="folder root/<superclass>/<class>/*.jpg or an images .npz")
+    p.add_argument("--ref", required=True, help="data set root (see --ref-data) or an images .npz")
     p.add_argument("--out", required=True)
     add_common(p)
     p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
-    p.add_argument("--ref", required=True, help="reference statistics .npz, images .npz or image folder")
+    p.add_argument("--ref", required=True, help="reference statistics .npz, images .npz or data set root")
     p.add_argument("--ref-cache", default=None, help="where to cache statistics computed from --ref images")
     add_common(p)
     p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
@@ -781,6 +768,12 @@ def main():
         p.add_argument("--results", default=None, help="JSON to merge the numbers into (read by `table`)")
     p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
     p.add_argument("results", nargs="+")
+    p = commands.add_parser("params", help="Table 2 (markdown): parameters per method, throughput from train logs")
+    p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--num-classes", type=int, default=10000)
+    p.add_argument("--num-superclasses", type=int, default=11)
+    p.add_argument("--logs", nargs="*", default=[], help="train.py's results/<run>/log.txt files")
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--class-map", default=None, help="hierarchy JSON; default: the checkpoint's own 'hierarchy'")
@@ -790,18 +783,19 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--device", default=device)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.command in ("ref-stats", "fid"):
         inception = load_inception(args.inception, args.device)
-        options = dict(class_map=args.class_map, batch_size=args.batch_size, image_size=args.image_size,
-                       device=args.device)
+        options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
+                       num_workers=args.num_workers, device=args.device)
+        ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
     if args.command == "ref-stats":
-        stats = image_set_statistics(args.ref, inception, **options)
+        stats = image_set_statistics(args.ref, inception, **ref_options)
         save_statistics(args.out, stats)
         print(f"saved statistics of {', '.join(stats)} to {args.out}")
     elif args.command == "fid":
-        reference = reference_statistics(args.ref, inception, args.ref_cache, **options)
+        reference = reference_statistics(args.ref, inception, args.ref_cache, **ref_options)
         sample_stats = image_set_statistics(args.samples, inception, **options)
         fids = fid_by_superclass(sample_stats, reference)
         print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
@@ -826,6 +820,8 @@ def main():
             with open(path) as f:
                 results.append(json.load(f))
         print(results_table(results))
+    elif args.command == "params":
+        print(param_table(args.model, args.image_size, args.num_classes, args.num_superclasses, args.logs))
     elif args.command == "tsne":
         checkpoint = read_weights(args.checkpoint, CHECKPOINT_HINT)
         table = label_table(checkpoint, args.checkpoint)

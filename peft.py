@@ -13,7 +13,6 @@ freezes the rest. What a method adds lives in small nn.Linear subclasses that ke
 (`blocks.3.attn.qkv.weight` stays) and fold back into plain linears with `merge(model)`. A delta checkpoint
 holds only what trained, plus what it takes to rebuild the model on top of its base checkpoint.
 """
-import argparse
 import hashlib
 import math
 
@@ -274,16 +273,3 @@ def parameter_table(model_name="DiT-XL/2", image_size=256, num_classes=10000, nu
         rows.append((method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20))
     return rows
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Parameter accounting of every fine-tuning method")
-    parser.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS))
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=10000)
-    parser.add_argument("--num-superclasses", type=int, default=11)
-    args = parser.parse_args()
-    print(f"{args.model} @ {args.image_size}px, {args.num_classes} classes, {args.num_superclasses} superclasses")
-    print(f"| method | total | trainable | % | delta (MiB, fp32) | lr |\n|---|---:|---:|---:|---:|---:|")
-    for method, total, trainable, percent, mib in parameter_table(args.model, args.image_size, args.num_classes,
-                                                                  args.num_superclasses):
-        print(f"| {method} | {total:,} | {trainable:,} | {percent:.2f}% | {mib:,.1f} | {SUGGESTED_LR[method]:g} |")

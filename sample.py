@@ -188,7 +188,8 @@ def main(args):
         name = hierarchy.class_names[cls] if hierarchy is not None else f"class {cls}"
         args.out = args.out or f"samples/{cls:05d}-{guidance}.png"
         save_grid(images, args.out)
-        print(f"{args.n} images of {name} ({guidance} guidance, scale {args.cfg_scale}) -> {args.out}")
+        how = "no guidance" if guidance == "none" else f"{guidance} guidance, scale {args.cfg_scale}"
+        print(f"{args.n} images of {name} ({how}) -> {args.out}")
     if distributed:
         dist.destroy_process_group()
 

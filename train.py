@@ -11,10 +11,8 @@ rank's RNG state) and are written atomically; --resume continues bit-exactly.
 """
 import argparse
 import glob
-import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -145,8 +143,6 @@ def main(args):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes")
     torch.manual_seed(args.seed * world_size + rank)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = (nullcontext() if precision == "fp32" else
-                torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
 
     resume = None
     if args.resume:  # continue with the saved settings; only --max-steps may change
@@ -206,7 +202,14 @@ def main(args):
             torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
         log(f"resumed from {args.resume} at step {step}")
     ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world_size > 1 else model
-    forward = torch.compile(ddp_model) if args.compile else ddp_model
+    network = torch.compile(ddp_model) if args.compile else ddp_model
+    low_precision = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+
+    def forward(x, t, **model_kwargs):
+        """The network in mixed precision; the loss (its VLB term needs the range) in fp32."""
+        with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+            return network(x, t, **model_kwargs).float()
+
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # Data order: a seeded permutation per epoch; resuming skips the batches already seen
@@ -250,8 +253,7 @@ def main(args):
             if vae is not None and x.shape[1] == 3:
                 x = vae.encode(x).sample() * vae.scaling_factor
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        with autocast:
-            loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+        loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
         mean_loss = all_mean(loss.detach().float().clone(), world_size)
         if not torch.isfinite(mean_loss):
             log(f"step {step}: the loss is {mean_loss.item()}; stopping before it reaches the weights. The last good "

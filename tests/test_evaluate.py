@@ -225,22 +225,54 @@ def test_image_folder_tree_is_read_and_centre_cropped(tmp_path):
         (tmp_path / superclass / name).mkdir(parents=True)
         for i in range(count):
             Image.new("RGB", (90 + 10 * i, 60), (40 * i, 100, 200)).save(tmp_path / superclass / name / f"{i}.jpg")
-    data = E.read_image_set(str(tmp_path))
-    assert data["superclass_names"] == ["Birds", "Plants"] and data["class_names"] == ["robin", "wren", "oak"]
-    assert data["labels"].tolist() == [0, 0, 1, 2, 2, 2]
-    assert data["superclass_labels"].tolist() == [0, 0, 0, 1, 1, 1]
-    batch = E.image_batch(data["images"], np.arange(6), image_size=32)
+    for kind in (None, "folder"):  # a folder is read as data.py's "folder" kind unless told otherwise
+        data = E.read_image_set(str(tmp_path), kind, image_size=32)
+        assert data["superclass_names"] == ["Birds", "Plants"] and data["class_names"] == ["robin", "wren", "oak"]
+        assert data["labels"].tolist() == [0, 0, 1, 2, 2, 2]
+        assert data["superclass_labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(data["images"]) == 6  # unmirrored: one item per image
+    rows, batch = next(E.image_batches(data["images"], batch_size=6, num_workers=0))
+    assert rows.tolist() == list(range(6))
     assert batch.shape == (6, 3, 32, 32) and 0 <= batch.min() and batch.max() <= 1
+    assert torch.equal(batch[2], torch.from_numpy(data["images"].read(2)).permute(2, 0, 1) / 255)
 
 
-def test_results_and_parameter_tables():
+def test_image_batches_of_an_array_cover_it_in_order():
+    images = np.random.default_rng(4).integers(0, 256, size=(7, 5, 4, 3), dtype=np.uint8)
+    batches = list(E.image_batches(images, batch_size=3))
+    assert [rows.tolist() for rows, _ in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert torch.equal(torch.cat([b for _, b in batches]) * 255, torch.from_numpy(images).permute(0, 3, 1, 2).float())
+
+
+def test_results_table():
     table = E.results_table([{"method": "FineDiffusion", "fid": {"overall": 9.776, "Plants": 15.752},
                               "lpips": {"overall": 0.721, "Plants": 0.693}}])
     assert "| FineDiffusion | 15.752 | 0.693 | 9.776 | 0.721 |" in table
-    rows = [dict(method="full", total=685_640_480, trainable=685_640_480, gpu_hours=15.11 * 24),
-            dict(method="FineDiffusion", total=685_640_480, trainable=12_153_632, gpu_hours=9.69 * 24,
-                 delta_mib=46.4)]
-    lines = E.param_table(rows).splitlines()
-    assert len(lines) == 4
-    assert "| FineDiffusion | 12.15 (1.77%) | 685.64 | 46.4 |" in lines[3] and "0.641×" in lines[3]
-    assert "| full | 685.64 (100.00%) |" in lines[2] and "| – |" in lines[2]
+
+
+def write_log(path, method, images_per_s):
+    """A train.py log: the method line, one line per logged interval, a checkpoint line."""
+    lines = [f"{method}: 1,000 of 2,000 parameters train (50.00%), 12 classes in 3 superclasses"]
+    lines += [f"step {100 * (i + 1):07d}  loss 0.1500  {v / 256:.2f} steps/s  {v:.1f} images/s"
+              for i, v in enumerate(images_per_s)]
+    path.write_text("\n".join(lines + ["saved results/000/checkpoints/0000300.pt"]) + "\n")
+
+
+def test_parameter_table_from_peft_and_train_logs(tmp_path, capsys):
+    full, fine = [40.0, 100.0, 104.0, 98.0], [60.0, 150.0, 158.0]  # the first interval includes start-up
+    write_log(tmp_path / "full.txt", "full", full)
+    write_log(tmp_path / "fine.txt", "finediffusion", fine)
+    assert E.training_throughput([tmp_path / "full.txt", tmp_path / "fine.txt"]) == {
+        "full": np.median(full), "finediffusion": np.median(fine)}
+    E.main(["params", "--model", "DiT-XL/2", "--image-size", "256", "--num-classes", "10000",
+            "--num-superclasses", "11", "--logs", str(tmp_path / "full.txt"), str(tmp_path / "fine.txt")])
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == set(E.METHODS)
+    assert rows["finediffusion"].startswith("| finediffusion | 685,640,480 | 12,153,632 | 1.77% |")  # the paper's
+    assert rows["finediffusion"].endswith(f"| {np.median(fine):.1f} | {np.median(fine) / np.median(full):.2f}× |")
+    assert rows["full"].endswith(f"| {np.median(full):.1f} | 1.00× |")
+    assert rows["lora"].endswith("| – | – |")  # no log
+    assert "Images/s" not in E.param_table("DiT-S/2", 32, 10, 2)  # without logs: parameters only
+    write_log(tmp_path / "other.txt", "step 0000001", [])
+    with pytest.raises(ValueError, match="other.txt"):
+        E.training_throughput([tmp_path / "other.txt"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TOY
+from conftest import ROOT
 
 
 def test_resume_is_bit_identical(toy_runs):

@@ -61,3 +61,29 @@ def test_bulk_sampling_on_two_processes(toy_runs, tmp_path):
     assert len(os.listdir(out)) == 13
     read = evaluate.read_image_set(str(out) + ".npz")
     assert np.array_equal(read["labels"], labels) and read["superclass_names"] == hierarchy["superclass_names"]
+
+
+def test_official_checkpoints_load_for_sampling(tmp_path):
+    """An official DiT file (raw state dict) and an official FineDiffusion training checkpoint ({"model", "ema"},
+    affine LayerNorms, fine + superclass rows, no null row) load by their shapes; the latter needs --hierarchy."""
+    from data import Hierarchy
+    from model import DIT_CONFIGS, DiT
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    official = DiT(input_size=8, num_classes=1000, **DIT_CONFIGS["DiT-S/8"]).eval()
+    torch.save(official.state_dict(), tmp_path / "DiT-S-8.pt")
+    hierarchy = Hierarchy(["a", "b", "c", "d", "e"], ["P", "Q"], [0, 0, 1, 1, 1])
+    hierarchy.to_json(str(tmp_path / "classes.json"))
+    tiered = DiT(input_size=8, num_classes=5, num_superclasses=2, class_to_superclass=[0, 0, 1, 1, 1],
+                 null_row=False, norm_affine=True, **DIT_CONFIGS["DiT-S/8"]).eval()
+    with torch.no_grad():
+        for p in tiered.parameters():  # non-trivial weights everywhere, adaLN-zero layers included
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(dict(model=tiered.state_dict(), ema=tiered.state_dict()), tmp_path / "finediffusion.pt")
+    for file, reference, labels, extra in [("DiT-S-8.pt", official, torch.tensor([1, 1000]), []),
+                                           ("finediffusion.pt", tiered, torch.tensor([4, 6]),
+                                            ["--hierarchy", str(tmp_path / "classes.json")])]:
+        model, _, _ = sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / file)] + extra))
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x, t, labels), reference(x, t, labels))
+    with pytest.raises(SystemExit, match="--hierarchy"):
+        sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / "finediffusion.pt")]))

@@ -100,3 +100,16 @@ def test_latent_training_from_the_cache(toy_runs, tmp_path):
     model, run_dir = train.main(train.parse_args(args))
     assert model.in_channels == f["config"]["latent_channels"] and (tmp_path / "cache" / "latents.npy").exists()
     assert "step 0000002" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_runs, tmp_path):
+    """A learning rate that blows the weights up: the run stops with a clear message before saving them."""
+    args = toy_runs["common"] + ["--split", "source", "--method", "full", "--max-steps", "20", "--lr", "1e12",
+                                 "--ckpt-every", "1", "--results-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        train.main(train.parse_args(args))
+    log = open(next(tmp_path.glob("*/log.txt"))).read()
+    assert "stopping before it reaches the weights" in log
+    saved = sorted(tmp_path.glob("*/checkpoints/*.pt"))
+    last = torch.load(saved[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())

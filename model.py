@@ -521,32 +521,21 @@ class VAEUpsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class VAEDownBlock(nn.Module):
-    """One encoder resolution level (diffusers' DownEncoderBlock2D): ResNet blocks, then optionally downsampling."""
-    def __init__(self, in_channels, out_channels, num_resnets, groups, downsample):
+class VAELevel(nn.Module):
+    """One resolution level (diffusers' DownEncoderBlock2D / UpDecoderBlock2D): ResNet blocks, then resampling."""
+    def __init__(self, in_channels, out_channels, num_resnets, groups, resample=None):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
                                       for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEDownsample(out_channels)]) if downsample else None
+        self.resample = resample  # "downsamplers", "upsamplers" or None: diffusers' key names
+        if resample:
+            layer = VAEDownsample if resample == "downsamplers" else VAEUpsample
+            setattr(self, resample, nn.ModuleList([layer(out_channels)]))
 
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
-
-
-class VAEUpBlock(nn.Module):
-    """One decoder resolution level (diffusers' UpDecoderBlock2D): ResNet blocks, then optionally upsampling."""
-    def __init__(self, in_channels, out_channels, num_resnets, groups, upsample):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
-                                      for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEUpsample(out_channels)]) if upsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+        return getattr(self, self.resample)[0](x) if self.resample else x
 
 
 # AutoencoderKL: encoder -> q(z|x) = N(mean, std^2); decoder z -> x
@@ -558,7 +547,8 @@ class VAEEncoder(nn.Module):
         chans, levels = block_out_channels, len(block_out_channels)
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            VAEDownBlock(chans[max(i - 1, 0)], chans[i], layers_per_block, groups, downsample=i < levels - 1)
+            VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block, groups,
+                     "downsamplers" if i < levels - 1 else None)
             for i in range(levels)])
         self.mid_block = VAEMidBlock(chans[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)
@@ -579,7 +569,8 @@ class VAEDecoder(nn.Module):
         chans, levels = block_out_channels[::-1], len(block_out_channels)  # widest first
         self.conv_in = nn.Conv2d(latent_channels, chans[0], 3, padding=1)
         self.up_blocks = nn.ModuleList([
-            VAEUpBlock(chans[max(i - 1, 0)], chans[i], layers_per_block + 1, groups, upsample=i < levels - 1)
+            VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block + 1, groups,
+                     "upsamplers" if i < levels - 1 else None)
             for i in range(levels)])
         self.mid_block = VAEMidBlock(chans[0], groups)
         self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)

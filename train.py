@@ -141,9 +141,6 @@ def main(args):
     rank, world_size, device = setup_distributed()
     if args.global_batch_size % world_size:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes")
-    torch.manual_seed(args.seed * world_size + rank)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-
     resume = None
     if args.resume:  # continue with the saved settings; only --max-steps may change
         resume = torch.load(args.resume, map_location="cpu", weights_only=True)
@@ -159,6 +156,8 @@ def main(args):
         if rank == 0:
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     log_file = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
+    torch.manual_seed(args.seed * world_size + rank)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     def log(message):
         if rank == 0:
@@ -197,9 +196,13 @@ def main(args):
         ema = {k: v.to(device) for k, v in resume["ema"].items()}
         opt.load_state_dict(resume["opt"])
         step = resume["step"]
-        torch.set_rng_state(resume["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+        if len(resume["rng"]) == world_size:  # every rank continues its own random stream
+            torch.set_rng_state(resume["rng"][rank]["cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+        else:
+            torch.manual_seed((args.seed + step) * world_size + rank)
+            log(f"resuming on {world_size} processes, not {len(resume['rng'])}: fresh random streams, not bit-exact")
         log(f"resumed from {args.resume} at step {step}")
     ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world_size > 1 else model
     network = torch.compile(ddp_model) if args.compile else ddp_model
@@ -211,6 +214,8 @@ def main(args):
             return network(x, t, **model_kwargs).float()
 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if resume:
+        scaler.load_state_dict(resume["scaler"])
 
     # Data order: a seeded permutation per epoch; resuming skips the batches already seen
     local_batch = args.global_batch_size // world_size
@@ -233,7 +238,8 @@ def main(args):
     def save(path):
         checkpoint = dict(method=args.method, method_options=method_options, model_config=model_config, base=base,
                           hierarchy=hierarchy.to_dict(), model=trainable_state_dict(model), ema=ema,
-                          opt=opt.state_dict(), step=step, rng=rng_states(world_size), args=vars(args))
+                          opt=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=rng_states(world_size),
+                          args=vars(args))
         if rank == 0:
             save_atomically(checkpoint, path)
 

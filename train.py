@@ -116,6 +116,8 @@ def build_model(args, hierarchy, in_channels, input_size):
             raise SystemExit(f"--ckpt {args.ckpt} expects {found['in_channels']} input channels but --vae gives "
                              f"{in_channels}: {describe_dit(base_state_dict)}")
         config["num_classes"] = found["table_rows"] - 1  # an ImageNet-style table: classes + null row
+        if found["input_size"] and found["input_size"] != input_size:  # DiffFit's trick: 512 px from a 256 px model
+            config["pos_embed_scale"] = found["input_size"] / input_size  # positions (i/2, j/2) stay in range
     elif args.method != "full":
         raise SystemExit(f"--method {args.method} fine-tunes a pre-trained model: give its --ckpt")
     model = DiT(**config)

@@ -105,3 +105,11 @@ def test_tiered_label_replacement():
     supers = torch.full((100,), 6)
     assert torch.equal(embedder.replace_by_parent(supers), supers)
     assert embedder.embedding_table.num_embeddings == 8
+
+
+def test_difffit_positional_trick():
+    """512 px from a 256 px model (DiffFit): positions (i/2, j/2), so every other token keeps its 256 px code."""
+    small = DiT(input_size=8, patch_size=2, hidden_size=64, depth=1, num_heads=4)
+    large = DiT(input_size=16, patch_size=2, hidden_size=64, depth=1, num_heads=4, pos_embed_scale=0.5)
+    every_other = large.pos_embed.reshape(8, 8, 64)[::2, ::2].reshape(1, 16, 64)
+    assert torch.equal(every_other, small.pos_embed)

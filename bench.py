@@ -4,47 +4,63 @@ Speed and memory of every fine-tuning method, measured in one run so the ratios 
     python bench.py --model DiT-XL/2 --image-size 256 --batch-size 32         # on a GPU
     python bench.py --model DiT-S/4 --image-size 64 --batch-size 8 --steps 5  # on a CPU
 
-Training: images/s of a full step (forward, hybrid loss, backward, AdamW) and peak memory, each method in a fresh
-process (so peaks do not mix), the ratio to full fine-tuning, and on CUDA the model FLOPs utilisation.
-Sampling: images/s of guided DDPM steps for the base DiT and each method after merge().
+Training: images/s of train.py's step (autocast forward, fp32 hybrid loss, backward, AdamW) and peak memory, each
+method in a fresh process (so peaks do not mix), the ratio to full fine-tuning, and on CUDA the model FLOPs
+utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each method after merge().
+`--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
+runs read from their metrics.jsonl (`--runs results/*`).
 """
 import argparse
+import json
 import multiprocessing
+import os
 import resource
 import time
 
+import numpy as np
 import torch
 
 from diffusion import create_diffusion, sample_ddpm
-from model import DIT_CONFIGS, DiT
-from peft import METHODS, merge, prepare
+from model import DIT_CONFIGS, AutoencoderKL, DiT
+from peft import METHODS, merge, parameter_table, prepare
+from train import autocast_forward
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
+PARENTS = [c % NUM_SUPERCLASSES for c in range(NUM_CLASSES)]  # the split does not change counts or speed
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS))
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method, after 3 warm-up steps")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA")
     p.add_argument("--sample-steps", type=int, default=10, help="timed guided sampling steps (0: skip)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
-    return p.parse_args()
+    p.add_argument("--table", action="store_true", help="print Table 2 (parameters, throughput of --runs) instead")
+    p.add_argument("--runs", nargs="*", default=[], help="train.py run folders whose metrics.jsonl --table reads")
+    return p.parse_args(argv)
+
+
+def dit_config(args):
+    """The DiT of --model in the SD VAE's latent space at --image-size (4 channels, 1/8 of the size)."""
+    with torch.device("meta"):
+        vae = AutoencoderKL()
+    return dict(DIT_CONFIGS[args.model], input_size=args.image_size // vae.downsample_factor,
+                in_channels=vae.latent_channels)
 
 
 def build(args, method, device):
     """A randomly initialised DiT prepared for `method` on iNat's 10,000 + 11 classes (weights do not matter)."""
-    model = DiT(input_size=args.image_size // 8, num_classes=1000, **DIT_CONFIGS[args.model]).to(device)
-    return prepare(model, method, NUM_CLASSES, [c % NUM_SUPERCLASSES for c in range(NUM_CLASSES)], NUM_SUPERCLASSES)
+    return prepare(DiT(**dit_config(args)).to(device), method, PARENTS)
 
 
 def forward_flops(args):
     """Matmul FLOPs of one forward pass per image: 2 * (12 D^2 per token + 2 T D for attention) per block."""
-    cfg = DIT_CONFIGS[args.model]
-    D, L, T = cfg["hidden_size"], cfg["depth"], (args.image_size // 8 // cfg["patch_size"]) ** 2
+    cfg = dit_config(args)
+    D, L, T = cfg["hidden_size"], cfg["depth"], (cfg["input_size"] // cfg["patch_size"]) ** 2
     return 2 * L * T * (12 * D * D + 2 * T * D)
 
 
@@ -64,21 +80,23 @@ def timed(fn, steps, device):
 def train_step_worker(args, method, queue):
     """One method in its own process: seconds per training step and peak memory in GiB."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else None
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
     model = build(args, method, device).train()
+    forward = autocast_forward(model, device, precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     diffusion = create_diffusion("")
-    x = torch.randn(args.batch_size, 4, args.image_size // 8, args.image_size // 8, device=device)
+    x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
 
     def step():
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -94,23 +112,56 @@ def sampling_throughput(args, device):
     results = {}
     for method in ["base"] + [m for m in args.methods.split(",") if m != "full"]:
         torch.manual_seed(0)
-        model = (DiT(input_size=args.image_size // 8, num_classes=1000, **DIT_CONFIGS[args.model]).to(device)
-                 if method == "base" else merge(build(args, method, device))).eval()
-        n, size = args.batch_size, args.image_size // 8
-        z = torch.randn(n, 4, size, size, device=device)
+        model = (DiT(**dit_config(args)).to(device) if method == "base" else merge(build(args, method, device))).eval()
+        n = args.batch_size
+        z = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=device)
         labels = torch.randint(0, model.y_embedder.num_classes, (n,), device=device)
-        parents = (model.y_embedder.parent[labels] if model.y_embedder.num_superclasses
-                   else torch.full_like(labels, model.y_embedder.null_index))
-        kwargs = dict(y=torch.cat([labels, parents]), cfg_scale=4.0)
+        model_fn, copies = model.guided(labels, "fine" if model.y_embedder.num_superclasses else "cfg", 4.0)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            seconds = timed(lambda: sample_ddpm(model.forward_with_cfg, torch.cat([z, z]), diffusion, kwargs, False),
+            seconds = timed(lambda: sample_ddpm(model_fn, z.repeat(copies, 1, 1, 1), diffusion, progress=False),
                             1, device)
         results[method] = n * args.sample_steps / seconds  # image-steps per second
     return results
 
 
-def main():
-    args = parse_args()
+# -----------------------------------------------------------------------------------------------------------
+# Table 2: parameters per method, and what finished runs measured
+
+
+def training_throughput(runs):
+    """{method: median images/s} over the logged steps of train.py runs (the median: start-up aside)."""
+    speeds = {}
+    for run in runs:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{run} is not a train.py run folder: it has no metrics.jsonl")
+        with open(path) as f:
+            for record in map(json.loads, f):
+                speeds.setdefault(record["method"], []).append(record["images_per_s"])
+    return {method: float(np.median(values)) for method, values in speeds.items()}
+
+
+def parameter_markdown(args):
+    """Table 2 as markdown: counts from peft.parameter_table; with --runs, images/s and the speed-up over full
+    fine-tuning (the paper's training time, GPU days, is images seen / throughput)."""
+    speeds = training_throughput(args.runs)
+    header = "| Method | Total | Trainable | % | Delta (MiB) |" + (" Images/s | Speed-up |" if args.runs else "")
+    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+    for method, total, trainable, percent, mib in parameter_table(dit_config(args), PARENTS):
+        line = f"| {method} | {total:,} | {trainable:,} | {percent:.2f}% | {mib:,.1f} |"
+        if args.runs:
+            speed = speeds.get(method)
+            line += f" {speed:,.1f} |" if speed else " – |"
+            line += f" {speed / speeds['full']:.2f}× |" if speed and "full" in speeds else " – |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        print(parameter_markdown(args))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model} @ {args.image_size}px, batch {args.batch_size}, {NUM_CLASSES} + {NUM_SUPERCLASSES} classes, "
@@ -121,8 +172,10 @@ def main():
         queue = context.Queue()
         worker = context.Process(target=train_step_worker, args=(args, method, queue))
         worker.start()
+        worker.join()  # its result is a small tuple: it fits the queue's pipe, so joining first cannot deadlock
+        if worker.exitcode != 0:
+            raise SystemExit(f"the {method} benchmark failed (exit code {worker.exitcode}): its error is above")
         rows[method] = queue.get()
-        worker.join()
     full = rows.get("full", next(iter(rows.values())))
     print("\n| method | images/s | vs full | peak memory (GiB) | vs full |" + (" MFU |" if device.type == "cuda" else "")
           + "\n|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))

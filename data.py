@@ -477,7 +477,7 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def load_dataset(kind, path, image_size, split=None, hflip=True, seed=0):
+def load_dataset(kind, path, image_size, split=None, hflip=True):
     """kind in inat/vegfru/folder/toy -> (ImageDataset, Hierarchy). toy: path is where to generate it
     (default cache/toy), split source/target; folder: split, when given, is a subfolder of path."""
     split = split or DEFAULT_SPLITS.get(kind)
@@ -486,7 +486,7 @@ def load_dataset(kind, path, image_size, split=None, hflip=True, seed=0):
         if split not in TOY_SPLITS:
             raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
         if not distributed() or dist.get_rank() == 0:
-            make_toy_dataset(path, seed=seed, image_size=image_size)
+            make_toy_dataset(path, image_size=image_size)
         if distributed():  # the other ranks wait for rank 0's files
             dist.barrier()
         return load_folder(os.path.join(path, split), image_size, hflip)

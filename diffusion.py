@@ -4,8 +4,8 @@ variances and the hybrid loss of Improved DDPM (Nichol & Dhariwal 2021), timeste
 and DDIM (Song et al. 2021) samplers. Numerically it matches the official DiT `diffusion/` package.
 
 The model is any callable `model(x, t, **model_kwargs) -> (N, 2C, H, W)`: eps in the first C channels,
-the variance interpolation v in [-1, 1] in the other C. Guidance needs nothing from this file: the
-guided callable is `model.forward_with_cfg` run on a doubled batch [z, z] with labels [c, parent].
+the variance interpolation v in [-1, 1] in the other C. Guidance needs nothing from this file: the guided
+callable comes from `DiT.guided` (FineDiffusion Eq. 1), and a sampler runs it like any other model.
 """
 import math
 
@@ -124,12 +124,12 @@ class Diffusion:
         mean = self.at(self.posterior_mean_coef1, t) * x_start + self.at(self.posterior_mean_coef2, t) * x_t
         return mean, self.at(self.posterior_variance, t), self.at(self.posterior_log_variance_clipped, t)
 
-    def p_mean_variance(self, model, x, t, model_kwargs=None, clip_denoised=False):
+    def p_mean_variance(self, model, x, t, model_kwargs=None):
         """p(x_{t-1} | x_t) from one model call; t (N,) are step indices, the model sees timestep_map[t]."""
         model_output = model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
-        return self.p_from_output(model_output, x, t, clip_denoised)
+        return self.p_from_output(model_output, x, t)
 
-    def p_from_output(self, model_output, x, t, clip_denoised=False):
+    def p_from_output(self, model_output, x, t):
         """model_output (N, 2C, H, W) -> dict of mean, variance, log_variance, pred_xstart, each (N, C, H, W)."""
         eps, v = model_output.split(x.shape[1], dim=1)
         # learned range: log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 (Improved DDPM Eq. 15)
@@ -140,8 +140,6 @@ class Diffusion:
         # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Ho et al. Eq. 4 solved for x_0)
         ac = self.alphas_cumprod
         pred_xstart = self.at((1 / ac).sqrt(), t) * x - self.at((1 / ac - 1).sqrt(), t) * eps
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)  # mu~(x_t, x_0^) (Ho et al. Eq. 7)
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
 
@@ -182,7 +180,7 @@ def create_diffusion(timestep_respacing="", num_timesteps=1000):
 
 
 @torch.no_grad()
-def sample_ddpm(model, x, diffusion, model_kwargs=None, progress=True, clip_denoised=False):
+def sample_ddpm(model, x, diffusion, model_kwargs=None, progress=True):
     """
     Ancestral sampling, Ho et al. 2020 Alg. 2, with the learned variance of Improved DDPM:
     x_{t-1} = mu(x_t, t) + sigma_t z, z ~ N(0, I), z = 0 at the last step. One randn_like per step, the last
@@ -190,14 +188,14 @@ def sample_ddpm(model, x, diffusion, model_kwargs=None, progress=True, clip_deno
     """
     for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        p = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        p = diffusion.p_mean_variance(model, x, t, model_kwargs)
         noise = torch.randn_like(x)
         x = p["mean"] + (i > 0) * torch.exp(0.5 * p["log_variance"]) * noise  # Alg. 2 line 4
     return x
 
 
 @torch.no_grad()
-def sample_ddim(model, x, diffusion, model_kwargs=None, progress=True, eta=0.0, clip_denoised=False):
+def sample_ddim(model, x, diffusion, model_kwargs=None, progress=True, eta=0.0):
     """
     DDIM, Song et al. 2021 Eq. 12: x_{t-1} = sqrt(alpha_bar_{t-1}) x_0^ + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
     + sigma_t z, where sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_{t-1}))
@@ -205,9 +203,9 @@ def sample_ddim(model, x, diffusion, model_kwargs=None, progress=True, eta=0.0, 
     """
     for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        p = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        p = diffusion.p_mean_variance(model, x, t, model_kwargs)
         ac = diffusion.alphas_cumprod
-        # eps consistent with the (possibly clipped) x_0^: Ho et al. Eq. 4 solved for eps
+        # eps consistent with x_0^: Ho et al. Eq. 4 solved for eps
         eps = (diffusion.at((1 / ac).sqrt(), t) * x - p["pred_xstart"]) / diffusion.at((1 / ac - 1).sqrt(), t)
         alpha_bar, alpha_bar_prev = diffusion.at(ac, t), diffusion.at(diffusion.alphas_cumprod_prev, t)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)

@@ -6,14 +6,13 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
 2) LPIPS diversity (Zhang et al., 2018): LPIPS v0.1 (AlexNet) averaged over pairs of samples of the same class,
    overall and per superclass: Table 1's LPIPS columns.
 3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
-4) The parameter / training-cost table (Table 2).
+(Table 2, parameters and training cost, is bench.py's.)
 
     python evaluate.py ref-stats --ref-data inat --ref /data/inat2021 --ref-split val --out ref256.npz \
         --inception pt_inception-2015-12-05-6726825d.pth  # also: --ref-data vegfru/toy, a folder tree, an .npz
     python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
     python evaluate.py table r.json                       # Table 1 as markdown
-    python evaluate.py params --logs results/*/log.txt    # Table 2 as markdown
     python evaluate.py tsne --checkpoint ckpt.pt --out figure7.png
 """
 import argparse
@@ -31,8 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import load_dataset, read_images, to_tensor
-from model import DIT_CONFIGS, check_state_dict, load_state_dict_file
-from peft import METHODS, parameter_table
+from model import check_state_dict, load_state_dict_file
+from peft import read_label_table
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -354,7 +353,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     middle = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))  # round-off: >= 0
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -475,16 +474,9 @@ def image_set_statistics(path, inception, kind=None, split=None, image_size=256,
                           image_set["superclass_names"])
 
 
-def reference_statistics(ref, inception, cache=None, **options):
-    """Reference statistics from a stats .npz, the cache, or (computed once, then cached) an image set."""
-    if is_statistics_file(ref):
-        return load_statistics(ref)
-    if cache and os.path.isfile(cache):
-        return load_statistics(cache)
-    stats = image_set_statistics(ref, inception, **options)
-    if cache:
-        save_statistics(cache, stats)
-    return stats
+def reference_statistics(ref, inception, **options):
+    """Reference statistics from a stats .npz (written by `ref-stats`), or computed from an image set."""
+    return load_statistics(ref) if is_statistics_file(ref) else image_set_statistics(ref, inception, **options)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -585,22 +577,6 @@ def tsne(x, perplexity=30.0, iterations=1000, learning_rate=None, exaggeration=1
 # new points afterwards), so how central they land is what the figure shows.
 
 
-CHECKPOINT_HINT = ("Pass a training checkpoint of train.py, an official FineDiffusion checkpoint, or a state dict "
-                   "holding y_embedder.embedding_table.weight.")
-
-
-def label_table(checkpoint, source="the checkpoint"):
-    """The TieredEmbedder's table (rows, D) from a loaded checkpoint: a raw state dict or one under "ema"/"model"."""
-    for key in ("ema", "model"):
-        if isinstance(checkpoint.get(key), dict) and "y_embedder.embedding_table.weight" in checkpoint[key]:
-            checkpoint = checkpoint[key]
-            break
-    if "y_embedder.embedding_table.weight" not in checkpoint:
-        raise KeyError(f"{source} holds no y_embedder.embedding_table.weight (top-level keys: {list(checkpoint)[:8]}), "
-                       f"raw or under 'ema' / 'model'. {CHECKPOINT_HINT}")
-    return checkpoint["y_embedder.embedding_table.weight"].float()
-
-
 def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_options):
     """Rows [fine C | superclass S | (null)] -> 2-D positions of the fine rows, superclass means, superclass rows."""
     table = torch.as_tensor(table, dtype=torch.float64)
@@ -667,7 +643,7 @@ def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclas
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Tables 1 and 2 as markdown
+# Table 1 as markdown
 
 
 def results_table(results):
@@ -680,38 +656,6 @@ def results_table(results):
     for r in results:
         lines.append(f"| {r.get('method', '?')} | "
                      + " | ".join(f"{cell(r, 'fid', n)} | {cell(r, 'lpips', n)}" for n in names) + " |")
-    return "\n".join(lines)
-
-
-def training_throughput(logs):
-    """{method: median images/s} from train.py's log.txt files: the first line starts with the method
-    ("finediffusion: 12,512 of ..."), each logged interval ends in "... 290.2 images/s" (the median: start-up aside)."""
-    speeds = {}
-    for path in logs:
-        with open(path) as f:
-            lines = f.read().splitlines()
-        method = lines[0].split(":")[0] if lines else ""
-        if method not in METHODS:
-            raise ValueError(f"{path}: not a train.py log, its first line should start with one of {METHODS} and ':'")
-        speeds.setdefault(method, []).extend(float(line.split()[-2]) for line in lines
-                                             if line.startswith("step ") and line.endswith(" images/s"))
-    return {method: float(np.median(values)) for method, values in speeds.items() if values}
-
-
-def param_table(model_name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11, logs=()):
-    """Table 2: parameters per method (peft.parameter_table) and, given train.py logs, training throughput and the
-    speed-up over full fine-tuning (the paper's training time, GPU days, is images seen / throughput)."""
-    speeds = training_throughput(logs)
-    header = "| Method | Total | Trainable | % | Delta (MiB) |" + (" Images/s | Speed-up |" if logs else "")
-    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
-    rows = parameter_table(model_name, image_size, num_classes, num_superclasses)
-    for method, total, trainable, percent, mib in rows:
-        line = f"| {method} | {total:,} | {trainable:,} | {percent:.2f}% | {mib:,.1f} |"
-        if logs:
-            speed = speeds.get(method)
-            line += f" {speed:,.1f} |" if speed else " – |"
-            line += f" {speed / speeds['full']:.2f}× |" if speed and "full" in speeds else " – |"
-        lines.append(line)
     return "\n".join(lines)
 
 
@@ -754,8 +698,7 @@ def main(argv=None):
     add_common(p)
     p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
-    p.add_argument("--ref", required=True, help="reference statistics .npz, images .npz or data set root")
-    p.add_argument("--ref-cache", default=None, help="where to cache statistics computed from --ref images")
+    p.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats), images .npz or data set root")
     add_common(p)
     p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
     p.add_argument("--samples", required=True)
@@ -768,15 +711,9 @@ def main(argv=None):
         p.add_argument("--results", default=None, help="JSON to merge the numbers into (read by `table`)")
     p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
     p.add_argument("results", nargs="+")
-    p = commands.add_parser("params", help="Table 2 (markdown): parameters per method, throughput from train logs")
-    p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS))
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-classes", type=int, default=10000)
-    p.add_argument("--num-superclasses", type=int, default=11)
-    p.add_argument("--logs", nargs="*", default=[], help="train.py's results/<run>/log.txt files")
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--class-map", default=None, help="hierarchy JSON; default: the checkpoint's own 'hierarchy'")
+    p.add_argument("--class-map", default=None, help="hierarchy JSON; default: the checkpoint's own")
     p.add_argument("--out", default="figure7.png")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--iterations", type=int, default=1000)
@@ -795,7 +732,7 @@ def main(argv=None):
         save_statistics(args.out, stats)
         print(f"saved statistics of {', '.join(stats)} to {args.out}")
     elif args.command == "fid":
-        reference = reference_statistics(args.ref, inception, args.ref_cache, **ref_options)
+        reference = reference_statistics(args.ref, inception, **ref_options)
         sample_stats = image_set_statistics(args.samples, inception, **options)
         fids = fid_by_superclass(sample_stats, reference)
         print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
@@ -820,14 +757,11 @@ def main(argv=None):
             with open(path) as f:
                 results.append(json.load(f))
         print(results_table(results))
-    elif args.command == "params":
-        print(param_table(args.model, args.image_size, args.num_classes, args.num_superclasses, args.logs))
     elif args.command == "tsne":
-        checkpoint = read_weights(args.checkpoint, CHECKPOINT_HINT)
-        table = label_table(checkpoint, args.checkpoint)
-        hierarchy = args.class_map or checkpoint.get("hierarchy")
+        table, hierarchy = read_label_table(args.checkpoint)
+        hierarchy = args.class_map or hierarchy
         if hierarchy is None:
-            raise ValueError(f"{args.checkpoint} holds no 'hierarchy': give the class map with --class-map")
+            raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
         class_to_superclass, names = read_class_map(hierarchy)
         num_superclasses = int(class_to_superclass.max()) + 1
         names = names or [f"superclass {s}" for s in range(num_superclasses)]

@@ -88,6 +88,16 @@ class TieredEmbedder(nn.Module):
             parent = torch.full((num_classes,), num_classes, dtype=torch.long, device="cpu")
         self.register_buffer("parent", parent, persistent=False)  # (C,) kept out of the official key set
 
+    def parent_rows(self, labels, guidance):
+        """The rows guidance pushes away from: "fine" -> each label's superclass row, "cfg" -> the null row."""
+        if guidance == "fine" and self.num_superclasses:
+            return self.parent[labels]
+        if guidance == "cfg" and self.null_index is not None:
+            return torch.full_like(labels, self.null_index)
+        has = [kind for kind, ok in (("fine", self.num_superclasses), ("cfg", self.null_index is not None)) if ok]
+        missing = "superclass rows" if guidance == "fine" else "null label row"
+        raise ValueError(f"this model's label table has no {missing}: use {' or '.join(has + ['none'])}")
+
     def replace_by_parent(self, labels):
         """FineDiffusion training: each fine label becomes its parent (superclass or null) with prob. p."""
         is_fine = labels < self.num_classes
@@ -191,15 +201,14 @@ class DiT(nn.Module):
                  class_to_superclass=None, null_row=True, norm_affine=False, pos_embed_scale=1.0):
         super().__init__()
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
+        self.input_size, self.pos_embed_scale = input_size, pos_embed_scale
+        self.hidden_size, self.mlp_ratio = hidden_size, mlp_ratio
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = TieredEmbedder(num_classes, hidden_size, class_dropout_prob, class_to_superclass,
                                          num_superclasses, null_row)
-        grid_size = input_size // patch_size
-        # Fixed sin-cos positions; DiffFit's trick for 512 px from a 256 px model is pos_embed_scale=0.5.
-        pos_embed = get_2d_sincos_pos_embed(hidden_size, grid_size, pos_embed_scale)
-        self.pos_embed = nn.Parameter(torch.from_numpy(pos_embed).float().unsqueeze(0), requires_grad=False)
+        self.pos_embed = nn.Parameter(self.sincos_positions(), requires_grad=False)  # fixed, as the official DiT
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_affine)
         self.grad_checkpointing = False
@@ -224,6 +233,34 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(layer.bias)
 
+    def sincos_positions(self):
+        """(1, T, D) fixed 2-D sin-cos positions of the token grid, the grid coordinates times pos_embed_scale."""
+        positions = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size, self.pos_embed_scale)
+        return torch.from_numpy(positions).float().unsqueeze(0)
+
+    def resize(self, input_size):
+        """
+        Run on another grid (latent or pixel side `input_size`) with the positions scaled to stay inside the range
+        the model was trained on: DiffFit's trick, 512 px from a 256 px model takes positions (i/2, j/2).
+        """
+        if input_size and input_size != self.input_size:
+            self.pos_embed_scale *= self.input_size / input_size
+            self.input_size = input_size
+            self.pos_embed = nn.Parameter(self.sincos_positions().to(self.pos_embed.device), requires_grad=False)
+        return self
+
+    @property
+    def config(self):
+        """DiT(**model.config) builds this architecture afresh: what a checkpoint records (peft's adapters aside)."""
+        e = self.y_embedder
+        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                    hidden_size=self.hidden_size, depth=len(self.blocks), num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, class_dropout_prob=e.dropout_prob, num_classes=e.num_classes,
+                    learn_sigma=self.out_channels != self.in_channels, num_superclasses=e.num_superclasses,
+                    class_to_superclass=(e.parent - e.num_classes).tolist() if e.num_superclasses else None,
+                    null_row=e.null_index is not None, norm_affine=self.final_layer.norm_final.weight is not None,
+                    pos_embed_scale=self.pos_embed_scale)
+
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
         c, p = self.out_channels, self.patch_size
@@ -242,21 +279,31 @@ class DiT(nn.Module):
                 x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+    def guided(self, labels, guidance="fine", scale=4.0, guided_channels=None):
         """
-        Guided forward pass on a doubled batch, as the official samplers drive it: rows [:N] carry the
-        condition c, rows [N:] its parent (the superclass for fine-grained guidance, the null row for
-        ordinary CFG); both halves are evaluated on x[:N].  Returns (2N, C_out, H, W) whose eps channels
-        are the guided eps in both halves and whose other channels (the variance) are each row's own.
-        `guided_channels` = 3 reproduces the official DiT code, which guides only channels 0..2.
+        The model callable a sampler takes, guided towards `labels` (N,) and away from their parents:
+            eps = eps(x_t | parent) + scale * (eps(x_t | c) - eps(x_t | parent))        FineDiffusion Eq. 1
+        guidance "fine": each class's superclass row; "cfg": the null row (ordinary classifier-free guidance);
+        "none": no guidance; or a tensor (N,) of the parent rows themselves. Returns (model_fn, copies): run the
+        sampler on z repeated `copies` times and keep its first N rows. As the official samplers, a guided batch is
+        doubled, [z, z] with labels [c, parent], so a seed draws the same per-step noise as theirs. Every eps
+        channel is guided; the variance channels are each row's own. `guided_channels` = 3 reproduces the
+        official DiT code, which guides only channels 0..2.
         """
-        half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half]), t, y)
+        if isinstance(guidance, str) and guidance == "none":
+            return (lambda x, t: self(x, t, labels)), 1
+        parents = self.y_embedder.parent_rows(labels, guidance) if isinstance(guidance, str) else guidance
+        y = torch.cat([labels, parents])
         k = self.in_channels if guided_channels is None else guided_channels
-        eps, rest = model_out[:, :k], model_out[:, k:]
-        cond_eps, parent_eps = eps.chunk(2)
-        guided_eps = parent_eps + cfg_scale * (cond_eps - parent_eps)  # FineDiffusion Eq. 1
-        return torch.cat([torch.cat([guided_eps, guided_eps]), rest], dim=1)
+
+        def model_fn(x, t):
+            half = x[: len(x) // 2]
+            eps, rest = self(torch.cat([half, half]), t, y).split([k, self.out_channels - k], dim=1)
+            cond_eps, parent_eps = eps.chunk(2)
+            guided_eps = parent_eps + scale * (cond_eps - parent_eps)  # FineDiffusion Eq. 1
+            return torch.cat([torch.cat([guided_eps, guided_eps]), rest], dim=1)  # (2N, C_out, H, W)
+
+        return model_fn, 2
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -279,7 +326,7 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoint files: safetensors (read and written by hand), torch.load with weights_only=True, strict checks
+# Checkpoint files: safetensors (read by hand), torch.load with weights_only=True, strict checks
 
 # safetensors layout: 8-byte little-endian header size, a JSON header
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}},
@@ -338,29 +385,6 @@ def read_safetensors(path):
     return tensors
 
 
-def write_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as a .safetensors file; metadata is an optional {str: str} dict."""
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    if metadata is not None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError("safetensors metadata must map str to str")
-        header["__metadata__"] = metadata
-    for name, t in tensors.items():
-        if t.dtype not in dtype_names:
-            raise ValueError(f"{name!r}: dtype {t.dtype} cannot be stored in safetensors ({', '.join(SAFETENSORS_DTYPES)})")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for t in tensors.values():  # the raw bytes of each tensor, C order (torch CPUs are little-endian)
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def load_state_dict_file(path):
     """The contents of a checkpoint file: .safetensors by hand, anything else (.pt/.pth/.bin) by torch.load."""
     if not os.path.isfile(path):
@@ -387,10 +411,12 @@ def check_state_dict(model, state_dict, source, where_to_get):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# DiT checkpoints: the official .pt files (a raw state dict), training checkpoints (official DiT and
-# FineDiffusion ones, and ours: {"model", "ema", ...}) -> a checked, strict load
+# DiT checkpoints: the official .pt files (a raw state dict), official DiT and FineDiffusion training checkpoints
+# ({"model", "ema", ...}), .safetensors -> the DiT they hold, checked and loaded strictly. (train.py's own
+# checkpoints are peft.py's format; peft.load_model rebuilds them on top of this.)
 
 
+LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
 DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt "
               "and DiT-XL-2-512x512.pt (github.com/facebookresearch/DiT).")
 
@@ -403,33 +429,43 @@ def dit_state_dict(checkpoint):
     return checkpoint
 
 
-def dit_config_from_state_dict(state_dict):
-    """Read a DiT's architecture off its tensor shapes: the kwargs that rebuild it (but the label split)."""
-    if "x_embedder.proj.weight" not in state_dict:
-        raise ValueError(f"this is not a DiT state dict: it has no x_embedder.proj.weight (its first keys: "
-                         f"{list(state_dict)[:5]})")
+def heads_for_width(hidden_size):
+    """The stated rule where a file does not record heads (its shapes cannot): as the DiT configuration of the same
+    width (T 128: 4, S 384: 6, B 768: 12, L 1024: 16, XL 1152: 16), otherwise one head per 64 channels."""
+    by_width = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}
+    return by_width.get(hidden_size, max(1, hidden_size // 64))
+
+
+def read_dit_shape(state_dict):
+    """What a DiT state dict's tensor shapes say about its architecture (heads by heads_for_width)."""
+    if not isinstance(state_dict, dict) or "x_embedder.proj.weight" not in state_dict:
+        keys = list(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"this is not a DiT checkpoint: it has no x_embedder.proj.weight (it holds {keys})")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    name = next((n for n, c in DIT_CONFIGS.items() if (c["depth"], c["hidden_size"], c["patch_size"])
-                 == (depth, hidden, patch)), None)
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
-    return dict(model=name, depth=depth, hidden_size=hidden, patch_size=patch, in_channels=in_channels,
-                num_heads=DIT_CONFIGS[name]["num_heads"] if name else None,
-                learn_sigma=out == 2 * in_channels,  # pos_embed is fixed: our checkpoints may leave it out
-                input_size=int(state_dict["pos_embed"].shape[1] ** 0.5) * patch if "pos_embed" in state_dict else None,
-                table_rows=state_dict["y_embedder.embedding_table.weight"].shape[0],
-                norm_affine="blocks.0.norm1.weight" in state_dict)
+    grid = state_dict["pos_embed"].shape[1] ** 0.5 if "pos_embed" in state_dict else None  # fixed: may be left out
+    shape = dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}), hidden_size=hidden,
+                 patch_size=patch, in_channels=in_channels, num_heads=heads_for_width(hidden),
+                 mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out == 2 * in_channels,
+                 input_size=int(grid) * patch if grid else None, norm_affine="final_layer.norm_final.weight" in state_dict,
+                 table_rows=state_dict[LABEL_TABLE_KEY].shape[0])
+    return shape
 
 
-def describe_dit(state_dict):
-    """One line a user can act on: which --model / --image-size / label table a state dict fits."""
-    c = dit_config_from_state_dict(state_dict)
-    size = ("any image size" if c["input_size"] is None else f"--image-size {c['input_size'] * 8}"
-            if c["in_channels"] == 4 else f"{c['input_size']} px in pixel space")
-    return (f"{c['model'] or 'a non-standard DiT'} (depth {c['depth']}, hidden {c['hidden_size']}, patch "
-            f"{c['patch_size']}), {size}, {c['table_rows']} label rows (1000 ImageNet classes + null = 1001; "
-            f"10,000 iNat species + 11 superclasses = 10,011), "
-            f"{'affine' if c['norm_affine'] else 'plain'} LayerNorms")
+def dit_name(shape):
+    """The DIT_CONFIGS name of an architecture (a config or read_dit_shape's dict), or None for another shape."""
+    return next((name for name, c in DIT_CONFIGS.items()
+                 if all(shape[k] == c[k] for k in ("depth", "hidden_size", "patch_size"))), None)
+
+
+def describe_dit(shape):
+    """One line a user can act on: which --model / --image-size / label table a DiT fits."""
+    size = ("any image size" if shape["input_size"] is None else f"--image-size {shape['input_size'] * 8}"
+            if shape["in_channels"] == 4 else f"{shape['input_size']} px in pixel space")
+    return (f"{dit_name(shape) or 'a DiT of another shape'} (depth {shape['depth']}, hidden {shape['hidden_size']}, "
+            f"patch {shape['patch_size']}), {size}, {shape['table_rows']} label rows (1000 ImageNet classes + null = "
+            f"1001; 10,000 iNat species + 11 superclasses = 10,011), "
+            f"{'affine' if shape['norm_affine'] else 'plain'} LayerNorms")
 
 
 def load_dit_weights(model, state_dict, source="the checkpoint"):
@@ -441,12 +477,45 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
     state_dict = {k: v for k, v in state_dict.items() if not (k == "pos_embed" and v.shape != own[k].shape)}
     state_dict.setdefault("pos_embed", own["pos_embed"])
     try:
-        fits = f"The file holds {describe_dit(state_dict)}."
+        fits = f"The file holds {describe_dit(read_dit_shape(state_dict))}."
     except (ValueError, KeyError):
         fits = "The file is not a DiT checkpoint."
     check_state_dict(model, state_dict, source, fits + " " + DIT_SOURCE)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, name=None):
+    """
+    The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
+    width, patch, channels and label table. `input_size` (latent or pixel grid side) defaults to the file's; at another
+    size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout) is split into
+    classes and superclasses by `class_to_superclass`. `name` (a --model) is checked, not used.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
+    state_dict = dit_state_dict(checkpoint)
+    shape = read_dit_shape(state_dict)
+    if name is not None and dit_name(shape) != name:
+        raise ValueError(f"{source} holds {describe_dit(shape)}, not --model {name}")
+    if not (input_size or shape["input_size"]):
+        raise ValueError(f"{source} holds no pos_embed, so its image size is unknown: give --image-size")
+    config = {k: shape[k] for k in ("depth", "hidden_size", "patch_size", "in_channels", "mlp_ratio", "learn_sigma",
+                                    "norm_affine")}
+    config.update(input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])
+    if shape["norm_affine"]:  # official FineDiffusion: [fine | superclass] rows, no null row
+        num_superclasses = shape["table_rows"] - len(class_to_superclass or ())
+        if class_to_superclass is None or num_superclasses <= max(class_to_superclass):
+            raise ValueError(f"{source} holds a FineDiffusion label table of {shape['table_rows']} rows (classes + "
+                             f"superclasses): give its class list with --hierarchy (a JSON written by data.py, or "
+                             f"iNat's train_mini.json)" + ("" if class_to_superclass is None else
+                             f"; the one given has {len(class_to_superclass)} classes and "
+                             f"{max(class_to_superclass) + 1} superclasses"))
+        config.update(num_classes=len(class_to_superclass), num_superclasses=num_superclasses,
+                      class_to_superclass=class_to_superclass, null_row=False)
+    else:  # official DiT: classes + the null row
+        config.update(num_classes=shape["table_rows"] - 1)
+    return load_dit_weights(DiT(**config), state_dict, source).resize(input_size)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -605,6 +674,8 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         # diffusion models see z * scaling_factor, which has roughly unit variance (LDM's scale_factor)
         self.scaling_factor = scaling_factor
+        self.latent_channels = latent_channels
+        self.downsample_factor = 2 ** (len(block_out_channels) - 1)  # each level but the last halves the size
         self.encoder = VAEEncoder(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
         self.decoder = VAEDecoder(out_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)

@@ -1,5 +1,6 @@
 """
-The fine-tuning methods compared in the FineDiffusion, DiffFit and DiffScaler papers, on a pre-trained DiT:
+The fine-tuning methods compared in the FineDiffusion, DiffFit and DiffScaler papers, on a pre-trained DiT, and
+the checkpoint format of train.py, whose one owner this file is.
 
     full           every parameter trains
     bitfit         biases + the label table                          (Ben Zaken et al. 2021)
@@ -8,23 +9,25 @@ The fine-tuning methods compared in the FineDiffusion, DiffFit and DiffScaler pa
     lora           low-rank B A on the attention projections         (Hu et al. 2021)
     diffscaler     the Affiner on attention, MLP and adaLN linears   (DiffScaler, Nair et al. 2024, Eq. 5)
 
-`prepare(model, method, ...)` resizes the label table for the target classes, adds the method's parameters and
-freezes the rest. What a method adds lives in small nn.Linear subclasses that keep the official key names
-(`blocks.3.attn.qkv.weight` stays) and fold back into plain linears with `merge(model)`. A delta checkpoint
-holds only what trained, plus what it takes to rebuild the model on top of its base checkpoint.
+METHODS is the table: one entry per method says how its label table is laid out, what it adds to the DiT, which
+parameters train and at what learning rate. `prepare(model, method, class_to_superclass)` applies an entry.
+What a method adds lives in small nn.Linear subclasses that keep the official key names
+(`blocks.3.attn.qkv.weight` stays) and fold back into plain linears with `merge(model)`. A checkpoint of a method
+that freezes part of the base holds only what trained, plus what it takes to rebuild the model on its base.
 """
+import dataclasses
 import hashlib
 import math
+import os
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DIT_CONFIGS, DiT, TieredEmbedder, load_dit_weights
+from model import (LABEL_TABLE_KEY, DiT, TieredEmbedder, describe_dit, dit_name, dit_state_dict, load_dit,
+                   load_state_dict_file)
 
-METHODS = ("full", "bitfit", "difffit", "finediffusion", "lora", "diffscaler")
-# FineDiffusion trains at the pre-training lr; DiffFit (Table 4d) finds 10x best for parameter-efficient methods.
-SUGGESTED_LR = dict(full=1e-4, finediffusion=1e-4, bitfit=1e-3, difffit=1e-3, lora=1e-3, diffscaler=1e-3)
 DIFFFIT_BLOCKS = 14  # DiffFit Table 4b: gammas in blocks 1..14 of DiT-XL/2's 28
 
 # -----------------------------------------------------------------------------------------------------------
@@ -64,20 +67,19 @@ class ScaledLinear(AdaptedLinear):
 
 
 class LoRALinear(AdaptedLinear):
-    """LoRA: y = W x + b + (alpha / r) B A x, B zero-initialized so training starts at the pretrained model."""
+    """LoRA: y = W x + b + B A x (alpha = r), B zero-initialized so training starts at the pretrained model."""
 
-    def __init__(self, linear, rank, alpha=None):
+    def __init__(self, linear, rank):
         super().__init__(linear)
-        self.scale = (alpha or rank) / rank
         self.lora_A = nn.Parameter(linear.weight.new_empty(rank, self.in_features))
         self.lora_B = nn.Parameter(linear.weight.new_zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def merged_weight_and_bias(self):
-        return self.weight + self.scale * self.lora_B @ self.lora_A, self.bias
+        return self.weight + self.lora_B @ self.lora_A, self.bias
 
 
 class Affiner(AdaptedLinear):
@@ -109,34 +111,11 @@ class Affiner(AdaptedLinear):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Preparing a pre-trained DiT for a method
-
-
-def replace_label_table(model, num_classes, class_to_superclass=None, num_superclasses=0, null_row=True,
-                        init="normal", p_parent=0.1):
-    """
-    New label rows for the target classes (the ImageNet rows do not transfer). init "normal": N(0, 0.02) as the
-    official FineDiffusion code; "null": every new row a copy of the pretrained null embedding (DiffScaler 3.1).
-    A new null row always starts as the pretrained one, so unconditional predictions are kept.
-    """
-    old = model.y_embedder
-    table = old.embedding_table.weight
-    if (init == "null" or null_row) and old.null_index is None:
-        raise ValueError("the base model has no null label row to start from (it is not an ImageNet DiT)")
-    new = TieredEmbedder(num_classes, table.shape[1], p_parent, class_to_superclass, num_superclasses, null_row)
-    new = new.to(device=table.device, dtype=table.dtype)
-    with torch.no_grad():
-        if init == "null":
-            new.embedding_table.weight.copy_(table[old.null_index].expand_as(new.embedding_table.weight))
-        else:
-            nn.init.normal_(new.embedding_table.weight, std=0.02)
-        if null_row:
-            new.embedding_table.weight[new.null_index] = table[old.null_index]
-    model.y_embedder = new
+# What each method adds to a DiT
 
 
 def add_norm_affine(model):
-    """Give DiT's affine-free LayerNorms a scale (1) and offset (0): the identity, so outputs are unchanged."""
+    """FineDiffusion: DiT's affine-free LayerNorms get a scale (1) and offset (0), the identity: outputs unchanged."""
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and module.weight is None:
             ref = model.pos_embed
@@ -153,55 +132,127 @@ def adapt_linears(model, names, wrap):
         setattr(parent, child, wrap(getattr(parent, child)))
 
 
-def is_trainable(method, name):
-    """The method's rule for a parameter of the prepared model (added parameters are named for their method)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if method == "full" or name.startswith("y_embedder."):
-        return True  # every method learns the new classes' embeddings
-    if method in ("bitfit", "difffit", "finediffusion") and leaf == "bias":
-        return True
-    if method in ("difffit", "finediffusion") and ".norm" in name:
-        return True  # LayerNorm scale/offset where the model has them (DiT's own norms have none)
-    if method == "difffit":
-        return leaf == "gamma"
-    if method == "lora":
-        return leaf.startswith("lora_")
-    if method == "diffscaler":
-        return leaf in ("affine_scale", "affine_shift", "adapter_scale", "down", "up")
-    return False
+def add_difffit_gammas(model):
+    """DiffFit Table 4c row 8: gammas on the attention and MLP branches of blocks 1..14, every QKV, the final layer."""
+    depth = len(model.blocks)
+    branches = [f"blocks.{i}.{n}" for i in range(min(DIFFFIT_BLOCKS, depth)) for n in ("attn.proj", "mlp.fc2")]
+    qkv = [f"blocks.{i}.attn.qkv" for i in range(depth)]
+    adapt_linears(model, branches + qkv + ["final_layer.linear"], ScaledLinear)
 
 
-def prepare(model, method, num_classes, class_to_superclass=None, num_superclasses=0, p_parent=0.1,
-            null_row=None, label_init=None, lora_rank=8, affiner_rank=64):
+def add_lora(model, lora_rank):
+    """LoRA on the attention projections (qkv and proj) of every block."""
+    names = [f"blocks.{i}.attn.{n}" for i in range(len(model.blocks)) for n in ("qkv", "proj")]
+    adapt_linears(model, names, lambda linear: LoRALinear(linear, lora_rank))
+
+
+def add_affiners(model, affiner_rank):
+    """DiffScaler 4.3: an Affiner on every attention and MLP linear, and on the adaLN layers."""
+    names = [f"blocks.{i}.{n}" for i in range(len(model.blocks))
+             for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")]
+    adapt_linears(model, names + ["final_layer.adaLN_modulation.1"], lambda linear: Affiner(linear, affiner_rank))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The methods, one entry each. A parameter's name decides whether it trains: the added parameters are named for
+# their method (gamma, lora_A, ...), and every method learns the new classes' label rows (y_embedder.*).
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    summary: str  # what trains
+    lr: float  # the suggested learning rate
+    trains: Callable[[str], bool]  # the method's rule: does the parameter of this name train?
+    adds: Callable = None  # adds(model, **options): what the method adds to a DiT
+    options: dict = dataclasses.field(default_factory=dict)  # the method's own options, with their defaults
+    tiered: bool = False  # label table [fine | superclass] (FineDiffusion, no null row), else [fine | null]
+    label_init: str = "normal"  # new rows N(0, 0.02) as the official FineDiffusion; "null": the pretrained null row
+    delta: bool = True  # it freezes part of the base, so its checkpoints hold only what trained
+
+
+def leaf(name):
+    return name.rsplit(".", 1)[-1]
+
+
+def is_label_row(name):
+    return name.startswith("y_embedder.")
+
+
+def is_bias(name):
+    return leaf(name) == "bias"
+
+
+def is_norm(name):
+    return ".norm" in name  # LayerNorm scale/offset, where the model has them (DiT's own LayerNorms have none)
+
+
+AFFINER_PARAMETERS = ("affine_scale", "affine_shift", "adapter_scale", "down", "up")
+# FineDiffusion trains at the pre-training lr; DiffFit (Table 4d) finds 10x best for parameter-efficient methods.
+METHODS = {
+    "full": Method("everything", 1e-4, trains=lambda name: True, delta=False),
+    "bitfit": Method("every bias + the label table", 1e-3,
+                     trains=lambda name: is_label_row(name) or is_bias(name)),
+    "difffit": Method("bitfit + norms + gammas (init 1) on attention/MLP branches of blocks 1..14, every QKV, "
+                      "the final layer", 1e-3, adds=add_difffit_gammas,
+                      trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name) or leaf(name) == "gamma"),
+    "finediffusion": Method("TieredEmbedder (fine + superclass rows) + every bias + LayerNorm scale/offset "
+                            "(added, identity)", 1e-4, adds=add_norm_affine, tiered=True,
+                            trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name)),
+    "lora": Method("rank-r B·A on attention qkv and proj (B = 0) + the label table", 1e-3, adds=add_lora,
+                   options=dict(lora_rank=8), trains=lambda name: is_label_row(name) or leaf(name).startswith("lora_")),
+    "diffscaler": Method("Affiner (1+a)Wx + s·W_up relu(W_down x) + b_hat + b on qkv, proj, fc1, fc2 and adaLN "
+                         "linears; new rows = the null embedding", 1e-3, adds=add_affiners, options=dict(affiner_rank=64),
+                         label_init="null", trains=lambda name: is_label_row(name) or leaf(name) in AFFINER_PARAMETERS),
+}
+FIXED = ("pos_embed",)  # a fixed function of the grid: no method trains it
+
+
+def replace_label_table(model, class_to_superclass, num_superclasses, null_row, init="normal", p_parent=0.1):
     """
-    Turn a pre-trained DiT (weights loaded) into `method`'s trainable model for a dataset of `num_classes`
-    fine classes. FineDiffusion's table adds one row per superclass (the parents of Eq. 1) and, like the
-    official code, no null row; the other methods keep a null row for ordinary classifier-free guidance.
+    New label rows for the target classes (the ImageNet rows do not transfer). init "normal": N(0, 0.02) as the
+    official FineDiffusion code; "null": every new row a copy of the pretrained null embedding (DiffScaler 3.1).
+    A new null row always starts as the pretrained one, so unconditional predictions are kept.
+    """
+    old = model.y_embedder
+    table = old.embedding_table.weight
+    if (init == "null" or null_row) and old.null_index is None:
+        raise ValueError("the base model has no null label row to start from (it is not an ImageNet DiT)")
+    new = TieredEmbedder(len(class_to_superclass), table.shape[1], p_parent, class_to_superclass, num_superclasses,
+                         null_row)
+    new = new.to(device=table.device, dtype=table.dtype)
+    with torch.no_grad():
+        if init == "null":
+            new.embedding_table.weight.copy_(table[old.null_index].expand_as(new.embedding_table.weight))
+        else:
+            nn.init.normal_(new.embedding_table.weight, std=0.02)
+        if null_row:
+            new.embedding_table.weight[new.null_index] = table[old.null_index]
+    model.y_embedder = new
+
+
+def prepare(model, method, class_to_superclass, num_superclasses=None, p_parent=0.1, **options):
+    """
+    Turn a pre-trained DiT (weights loaded) into `method`'s trainable model for the target classes: the superclass
+    (0..S-1) of every fine class, S = num_superclasses (default: the largest id + 1). FineDiffusion's table adds a
+    row per superclass (the parents of Eq. 1) and, like the official code, no null row; the other methods keep a
+    null row for ordinary classifier-free guidance. `options`: the method's own (METHODS[method].options).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    tiered = method == "finediffusion"
-    if tiered and not num_superclasses:
-        raise ValueError("finediffusion needs the class hierarchy (superclass of every fine class)")
-    replace_label_table(model, num_classes, class_to_superclass if tiered else None,
-                        num_superclasses if tiered else 0, null_row=not tiered if null_row is None else null_row,
-                        init=label_init or ("null" if method == "diffscaler" else "normal"), p_parent=p_parent)
-    depth = len(model.blocks)
-    if method == "finediffusion":
-        add_norm_affine(model)
-    elif method == "difffit":  # DiffFit Table 4c row 8: blocks 1..14, QKV linears, final layer
-        branches = [f"blocks.{i}.{n}" for i in range(min(DIFFFIT_BLOCKS, depth)) for n in ("attn.proj", "mlp.fc2")]
-        qkv = [f"blocks.{i}.attn.qkv" for i in range(depth)]
-        adapt_linears(model, branches + qkv + ["final_layer.linear"], ScaledLinear)
-    elif method == "lora":
-        names = [f"blocks.{i}.attn.{n}" for i in range(depth) for n in ("qkv", "proj")]
-        adapt_linears(model, names, lambda linear: LoRALinear(linear, lora_rank))
-    elif method == "diffscaler":  # every attention and MLP linear, and the adaLN layers (DiffScaler 4.3)
-        names = [f"blocks.{i}.{n}" for i in range(depth)
-                 for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")]
-        adapt_linears(model, names + ["final_layer.adaLN_modulation.1"], lambda linear: Affiner(linear, affiner_rank))
+    spec = METHODS[method]
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise ValueError(f"{method} has no option {sorted(unknown)}; its options: {spec.options or 'none'}")
+    if num_superclasses is None:
+        num_superclasses = max(class_to_superclass, default=-1) + 1
+    if spec.tiered and not num_superclasses:
+        raise ValueError(f"{method} needs the class hierarchy (the superclass of every fine class)")
+    replace_label_table(model, class_to_superclass, num_superclasses if spec.tiered else 0, null_row=not spec.tiered,
+                        init=spec.label_init, p_parent=p_parent)
+    if spec.adds is not None:
+        spec.adds(model, **{**spec.options, **options})
     for name, param in model.named_parameters():
-        param.requires_grad_(name != "pos_embed" and is_trainable(method, name))
+        param.requires_grad_(name not in FIXED and spec.trains(name))
     return model
 
 
@@ -213,7 +264,7 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Parameter accounting and delta checkpoints
+# Parameter accounting
 
 
 def count_parameters(model):
@@ -223,53 +274,168 @@ def count_parameters(model):
 
 
 def trainable_state_dict(model):
-    """Only what the method trained: the content of a delta checkpoint."""
+    """Only what the method trained: what a checkpoint holds."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trainable}
 
 
+def parameter_table(dit_config, class_to_superclass):
+    """Rows of (method, total, trainable, percent, delta MiB at fp32) for every method, built on `meta`."""
+    rows = []
+    for method in METHODS:
+        with torch.device("meta"):
+            model = prepare(DiT(**dit_config), method, class_to_superclass)
+        total, trainable = count_parameters(model)
+        rows.append((method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20))
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The checkpoint format: the one place that knows its keys
+
+CHECKPOINT_FORMAT = 2  # 1: the unversioned files of earlier versions
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """
+    A checkpoint of train.py. On disk: a dict of these fields and `format`, plain data and tensors only, so
+    torch.load(weights_only=True) reads it.
+        method     a key of METHODS
+        options    prepare()'s keyword arguments: class_to_superclass, num_superclasses, p_parent, the method's options
+        dit        the base's architecture, DiT(**dit) (model.DiT.config)
+        base       None when the file holds every trained tensor (full fine-tuning, training from scratch); else
+                   {path, sha256}: where the base checkpoint was and base_fingerprint of it
+        hierarchy  data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
+        vae        the VAE (a path) whose latent space the model works in, or None: pixel space
+        data       what it trained on: {kind, path, split, image_size}
+        model      {name: tensor} of every parameter the method trains
+        ema        the same names: their exponential moving average in float32, what sampling uses
+        step       optimizer steps taken
+      and what --resume needs (None in a checkpoint made for sampling only):
+        optimizer  the AdamW state dict
+        scaler     the fp16 GradScaler state dict
+        rng        every rank's RNG states: [{cpu, cuda}] in rank order
+        settings   train.py's flags, {name: value}
+    """
+    method: str
+    options: dict
+    dit: dict
+    base: dict
+    hierarchy: dict
+    vae: str
+    data: dict
+    model: dict
+    ema: dict
+    step: int
+    optimizer: dict = None
+    scaler: dict = None
+    rng: list = None
+    settings: dict = None
+
+
+def is_train_checkpoint(contents):
+    return isinstance(contents, dict) and "method" in contents and "ema" in contents
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a Checkpoint atomically: into a temporary file of this process, then renamed (a kill never tears it)."""
+    contents = dict(format=CHECKPOINT_FORMAT, **{f.name: getattr(checkpoint, f.name)
+                                                 for f in dataclasses.fields(Checkpoint)})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(contents, tmp)
+    os.replace(tmp, path)
+
+
+def as_checkpoint(contents, source):
+    """What torch.load read from a train.py checkpoint -> Checkpoint, with the format checked."""
+    version = contents.get("format", 1)
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source} is a train.py checkpoint of format {version}; this version reads format "
+                         f"{CHECKPOINT_FORMAT} only: sample or resume it with the version of this repository that "
+                         f"wrote it, or train again")
+    names = [f.name for f in dataclasses.fields(Checkpoint)]
+    missing = [name for name in names if name not in contents]
+    if missing:
+        raise ValueError(f"{source} is an incomplete train.py checkpoint: it lacks {missing}")
+    return Checkpoint(**{name: contents[name] for name in names})
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint file -> Checkpoint."""
+    contents = load_state_dict_file(path)
+    if not is_train_checkpoint(contents):
+        raise ValueError(f"{path} is not a checkpoint of train.py")
+    return as_checkpoint(contents, path)
+
+
 def base_fingerprint(model):
-    """Identify a base checkpoint by tensors that no parameter-efficient method changes."""
+    """sha256 of every tensor of a base model (names, shapes and bytes), streamed: a few seconds for DiT-XL/2."""
     digest = hashlib.sha256()
-    for name in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "blocks.0.attn.qkv.weight"):
-        tensor = model.get_parameter(name).detach().float().cpu().contiguous()
-        digest.update(tensor.numpy().tobytes())
-    return dict(n_params=sum(p.numel() for p in model.parameters() if p.dim() > 1), sha256=digest.hexdigest()[:16])
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
-def rebuild(checkpoint, base_state_dict=None, weights="ema"):
+def load_base(path, input_size=None, num_heads=None, name=None):
+    """A base to fine-tune from any DiT file or train.py checkpoint (adapters merged) -> (model, its identity)."""
+    model, _ = load_model(path, input_size=input_size, num_heads=num_heads, name=name)
+    merge(model)
+    return model, dict(path=os.path.abspath(path), sha256=base_fingerprint(model))
+
+
+def rebuild(checkpoint, base=None, weights="ema"):
     """
-    The fine-tuned model a checkpoint of train.py describes: DiT(**model_config), the base checkpoint's weights
-    (checked against the fingerprint taken at training time), prepare(method), then the trained tensors.
-    Full fine-tuning trains everything, so its checkpoints need no base.
+    The fine-tuned model a Checkpoint describes: its base (loaded from `base` or the path it recorded, checked
+    against its fingerprint) or a fresh DiT(**dit) when the file holds every trained tensor, then prepare(method),
+    then the trained tensors (`weights`: "ema" or "model").
     """
-    model = DiT(**checkpoint["model_config"])
-    if checkpoint["base"] is not None:
-        if base_state_dict is None:
-            raise ValueError(f"this {checkpoint['method']} checkpoint holds only what it trained; it needs its base "
-                             f"checkpoint {checkpoint['base'].get('path')!r} (pass it with --base)")
-        load_dit_weights(model, base_state_dict, source="the base checkpoint")
-        found = base_fingerprint(model)
-        if any(found[k] != checkpoint["base"][k] for k in found):
-            raise ValueError(f"this checkpoint was trained on another base (expected {checkpoint['base']}, the "
-                             f"given base is {found}); pass the base it names with --base")
-    model = prepare(model, checkpoint["method"], **checkpoint["method_options"])
-    tensors, expected = checkpoint[weights], set(trainable_state_dict(model))
+    if checkpoint.base is None:
+        model = DiT(**checkpoint.dit)
+    else:
+        path = base or checkpoint.base["path"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"this {checkpoint.method} checkpoint holds only what it trained, on top of its "
+                                    f"base {path}, which is not there: pass the base checkpoint with --base")
+        model, identity = load_base(path, checkpoint.dit["input_size"], checkpoint.dit["num_heads"])
+        if identity["sha256"] != checkpoint.base["sha256"] or model.config != checkpoint.dit:
+            raise ValueError(f"{path} is not the base this checkpoint was trained on (that was "
+                             f"{checkpoint.base['path']}, sha256 {checkpoint.base['sha256'][:16]}...; the given one "
+                             f"has {identity['sha256'][:16]}...): pass the base it names with --base")
+    model = prepare(model, checkpoint.method, **checkpoint.options)
+    tensors, expected = getattr(checkpoint, weights), set(trainable_state_dict(model))
     if set(tensors) != expected:
-        raise ValueError(f"the checkpoint's tensors do not match method {checkpoint['method']}: missing "
+        raise ValueError(f"the checkpoint's tensors do not match method {checkpoint.method}: missing "
                          f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
     model.load_state_dict(tensors, strict=False)
     return model
 
 
-def parameter_table(model_name="DiT-XL/2", image_size=256, num_classes=10000, num_superclasses=11):
-    """Rows of (method, total, trainable, percent, delta MiB at fp32) for every method, built on `meta`."""
-    rows, parents = [], [c % num_superclasses for c in range(num_classes)]  # the split does not change counts
-    for method in METHODS:
-        with torch.device("meta"):
-            model = DiT(input_size=image_size // 8, num_classes=1000, **DIT_CONFIGS[model_name])
-            prepare(model, method, num_classes, parents, num_superclasses)
-        total, trainable = count_parameters(model)
-        rows.append((method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20))
-    return rows
+def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, name=None):
+    """
+    Any checkpoint -> (model, Checkpoint or None). A train.py checkpoint is rebuilt (its EMA weights, on its base:
+    `base` overrides the recorded path); any other DiT file (official DiT, official FineDiffusion, safetensors) is
+    loaded by model.load_dit. The model is not merged: merge(model) before sampling.
+    """
+    contents = load_state_dict_file(path)
+    if not is_train_checkpoint(contents):
+        return load_dit(contents, path, input_size, class_to_superclass, num_heads, name), None
+    checkpoint = as_checkpoint(contents, path)
+    if name is not None and dit_name(checkpoint.dit) != name:
+        raise ValueError(f"{path} holds {dit_name(checkpoint.dit) or 'a DiT of another shape'}, not --model {name}")
+    return rebuild(checkpoint, base).resize(input_size), checkpoint
 
+
+def read_label_table(path):
+    """(label table (rows, D), hierarchy dict or None) of any checkpoint, without building its model."""
+    contents = load_state_dict_file(path)
+    if is_train_checkpoint(contents):
+        checkpoint = as_checkpoint(contents, path)
+        return checkpoint.ema[LABEL_TABLE_KEY].float(), checkpoint.hierarchy
+    state_dict = dit_state_dict(contents)
+    if not isinstance(state_dict, dict) or LABEL_TABLE_KEY not in state_dict:
+        raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: pass a checkpoint of train.py, an official "
+                         f"FineDiffusion checkpoint or a DiT state dict")
+    return state_dict[LABEL_TABLE_KEY].float(), None

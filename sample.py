@@ -19,11 +19,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import peft
 from data import Hierarchy
 from diffusion import create_diffusion, sample_ddim, sample_ddpm
-from model import (DIT_CONFIGS, DiT, describe_dit, dit_config_from_state_dict, dit_state_dict, load_dit_weights,
-                   load_state_dict_file, load_vae)
-from peft import merge, rebuild
+from model import load_vae
+from train import setup_distributed
 
 
 def parse_args(argv=None):
@@ -59,28 +59,18 @@ def newest_checkpoint(results_dir="results"):
 
 
 def load_model(args):
-    checkpoint = load_state_dict_file(args.ckpt)
-    if "method" in checkpoint:  # ours: rebuild on the base, then fold the method into plain linears
-        base = args.base or (checkpoint["base"] or {}).get("path")
-        model = rebuild(checkpoint, dit_state_dict(load_state_dict_file(base)) if checkpoint["base"] else None)
-        return merge(model), Hierarchy.from_dict(checkpoint["hierarchy"]), args.vae or checkpoint["args"]["vae"]
-    state_dict = dit_state_dict(checkpoint)
-    c = dit_config_from_state_dict(state_dict)
-    if c["model"] is None:
-        raise SystemExit(f"{args.ckpt} is not one of the standard DiT configurations: {describe_dit(state_dict)}")
-    config = dict(input_size=c["input_size"], in_channels=c["in_channels"], learn_sigma=c["learn_sigma"],
-                  norm_affine=c["norm_affine"], **DIT_CONFIGS[c["model"]])
-    if c["norm_affine"]:  # official FineDiffusion: fine rows + superclass rows, no null row
-        if not args.hierarchy:
-            raise SystemExit(f"{args.ckpt} is a FineDiffusion checkpoint ({c['table_rows']} label rows): "
-                             "give its class list with --hierarchy (a JSON written by data.py, or iNat's train_mini.json)")
-        hierarchy = Hierarchy.from_json(args.hierarchy)
-        model = DiT(**config, num_classes=len(hierarchy.class_names), num_superclasses=len(hierarchy.superclass_names),
-                    class_to_superclass=hierarchy.class_to_superclass, null_row=False)
-    else:  # official DiT: ImageNet classes + null row
-        hierarchy = None
-        model = DiT(**config, num_classes=c["table_rows"] - 1)
-    return load_dit_weights(model, state_dict, source=args.ckpt), hierarchy, args.vae
+    """--ckpt (a delta on its base, our full checkpoints, official DiT and FineDiffusion files) -> (merged model,
+    hierarchy or None, VAE path or None)."""
+    hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
+    try:
+        model, checkpoint = peft.load_model(args.ckpt, args.base,
+                                            hierarchy.class_to_superclass if hierarchy else None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--ckpt {args.ckpt}: {e}")
+    vae = args.vae
+    if checkpoint is not None:  # ours: the class names and the VAE it was trained with
+        hierarchy, vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
+    return peft.merge(model), hierarchy, vae
 
 
 def resolve_class(model, hierarchy, cls):
@@ -102,22 +92,15 @@ def resolve_class(model, hierarchy, cls):
 @torch.no_grad()
 def generate(model, vae, labels, args, guidance, progress=True):
     """(N,) fine labels -> (N, H, W, 3) uint8 images, guided towards the parent (fine) or null (cfg) label."""
-    device = labels.device
-    embedder, n = model.y_embedder, len(labels)
-    size = model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
-    z = torch.randn(n, model.in_channels, size, size, device=device)
+    z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=labels.device)
     diffusion = create_diffusion(f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else
                                  str(args.num_sampling_steps))
     sampler = sample_ddim if args.sampler == "ddim" else sample_ddpm
-    if guidance == "none":
-        x = sampler(model, z, diffusion, dict(y=labels), progress)
-    else:
-        if guidance == "cfg" and embedder.null_index is None:
-            raise SystemExit("this model has no null label row: use --guidance fine (its superclasses) or none")
-        parent = embedder.parent[labels] if guidance == "fine" else torch.full_like(labels, embedder.null_index)
-        kwargs = dict(y=torch.cat([labels, parent]), cfg_scale=args.cfg_scale,
-                      guided_channels=3 if args.official_three_channels else None)
-        x = sampler(model.forward_with_cfg, torch.cat([z, z]), diffusion, kwargs, progress)[:n]
+    try:
+        model_fn, copies = model.guided(labels, guidance, args.cfg_scale, 3 if args.official_three_channels else None)
+    except ValueError as e:
+        raise SystemExit(f"--guidance {guidance}: {e}")
+    x = sampler(model_fn, z.repeat(copies, 1, 1, 1), diffusion, progress=progress)[: len(labels)]
     if vae is not None:
         x = vae.decode(x / vae.scaling_factor)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -164,11 +147,7 @@ def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
 
 
 def main(args):
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    rank, world_size, device = setup_distributed()
     args.ckpt = args.ckpt or newest_checkpoint()
     model, hierarchy, vae_path = load_model(args)
     model.to(device).eval()
@@ -190,7 +169,7 @@ def main(args):
         save_grid(images, args.out)
         how = "no guidance" if guidance == "none" else f"{guidance} guidance, scale {args.cfg_scale}"
         print(f"{args.n} images of {name} ({how}) -> {args.out}")
-    if distributed:
+    if world_size > 1:
         dist.destroy_process_group()
 
 

@@ -12,10 +12,7 @@ from PIL import Image
 import data
 from conftest import fixture, rel_err
 
-try:
-    from model import AutoencoderKL, load_vae_state_dict
-except ImportError:
-    from vae_draft import AutoencoderKL, load_vae_state_dict
+from model import AutoencoderKL, load_vae_state_dict
 
 
 def write_image(path, rng, size=(12, 10)):

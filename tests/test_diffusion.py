@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from conftest import fixture, rel_err
+from conftest import dit_from_fixture, fixture, rel_err
 from diffusion import create_diffusion, sample_ddim, sample_ddpm, space_timesteps
-from test_model import dit_from_fixture
 
 RESPACINGS = ["respaced_250", "respaced_25"]  # the fixture's entries; the respacing string is the name's suffix
 
@@ -77,9 +76,11 @@ def test_ddim_loop_matches_official(ref, model, name):
 def test_guided_loop_matches_official(ref, model, name):
     """Guidance is the guided model callable on a doubled batch, fed to the ordinary sampler."""
     r = ref[name]
-    kwargs = dict(y=r["guided_y"], cfg_scale=r["guided_scale"], guided_channels=3)
+    n = len(r["guided_y"]) // 2
+    model_fn, copies = model.guided(r["guided_y"][:n], r["guided_y"][n:], r["guided_scale"], guided_channels=3)
     torch.manual_seed(r["guided_seed"])
-    x = sample_ddpm(model.forward_with_cfg, r["guided_noise"], respaced(name), kwargs, progress=False)
+    x = sample_ddpm(model_fn, r["guided_noise"][:n].repeat(copies, 1, 1, 1), respaced(name), progress=False)
+    assert torch.equal(r["guided_noise"][:n], r["guided_noise"][n:])  # the official [z, z]
     assert rel_err(x, r["guided_sample_first3channels"]) <= 1e-3
 
 
@@ -87,10 +88,9 @@ def test_official_finediffusion_guided_loop():
     """As FineDiffusion's sample.py: noise [z, z], labels [fine, superclass row], DDPM on str(steps) steps."""
     f = fixture("finediffusion_official_tiny.pt")
     model = dit_from_fixture(f)
-    kwargs = dict(y=torch.cat([f["sub_labels"], f["super_labels"]]), cfg_scale=f["scale"], guided_channels=3)
+    model_fn, copies = model.guided(f["sub_labels"], f["super_labels"], f["scale"], guided_channels=3)
     torch.manual_seed(f["seed"])
-    x = sample_ddpm(model.forward_with_cfg, torch.cat([f["noise"], f["noise"]]), create_diffusion(str(f["steps"])),
-                    kwargs, progress=False)
+    x = sample_ddpm(model_fn, f["noise"].repeat(copies, 1, 1, 1), create_diffusion(str(f["steps"])), progress=False)
     assert rel_err(x, f["guided_sample_first3channels"]) <= 1e-3
 
 

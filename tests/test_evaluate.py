@@ -1,6 +1,8 @@
 """Evaluation: FID Inception, Fréchet distance, LPIPS against the reference fixtures; per-superclass bookkeeping,
 LPIPS diversity pairs, t-SNE, Figure 7, image-set reading and the tables."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -188,15 +190,6 @@ def test_figure7_from_a_label_table(tmp_path):
     assert all(color in present for color in E.superclass_colors(4))
 
 
-def test_label_table_from_raw_and_nested_checkpoints():
-    table = torch.randn(7, 5)
-    raw = {"y_embedder.embedding_table.weight": table, "pos_embed": torch.zeros(1)}
-    for checkpoint in (raw, {"model": raw, "args": {}}, {"ema": raw, "model": {"x": table}}):
-        assert torch.equal(E.label_table(checkpoint), table)
-    with pytest.raises(KeyError, match="y_embedder.embedding_table.weight"):
-        E.label_table({"model": {"blocks.0.attn.qkv.weight": table}})
-
-
 # ---- Image sets, class maps and tables ----
 
 def test_sample_npz_round_trip(tmp_path):
@@ -250,29 +243,41 @@ def test_results_table():
     assert "| FineDiffusion | 15.752 | 0.693 | 9.776 | 0.721 |" in table
 
 
-def write_log(path, method, images_per_s):
-    """A train.py log: the method line, one line per logged interval, a checkpoint line."""
-    lines = [f"{method}: 1,000 of 2,000 parameters train (50.00%), 12 classes in 3 superclasses"]
-    lines += [f"step {100 * (i + 1):07d}  loss 0.1500  {v / 256:.2f} steps/s  {v:.1f} images/s"
-              for i, v in enumerate(images_per_s)]
-    path.write_text("\n".join(lines + ["saved results/000/checkpoints/0000300.pt"]) + "\n")
+# ---- The command line, end to end ----
 
+def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
+    """ref-stats of a folder tree, then fid of an .npz of the same images (FID 0 overall and per superclass) and of
+    other images (FID > 0), with the fixture's random-weight FID Inception; then t-SNE of the toy checkpoint."""
+    torch.save(fixture("inception_fid_random_fp16.pt")["state_dict"], tmp_path / "inception.pth")
+    source = toy_runs["root"] / "data" / "target"
+    for superclass in sorted(os.listdir(source)):  # two images of every class: a small, quick reference
+        for name in sorted(os.listdir(source / superclass)):
+            os.makedirs(tmp_path / "ref" / superclass / name)
+            for image in sorted(os.listdir(source / superclass / name))[:2]:
+                shutil.copy(source / superclass / name / image, tmp_path / "ref" / superclass / name)
+    common = ["--inception", str(tmp_path / "inception.pth"), "--image-size", "16", "--num-workers", "0",
+              "--device", "cpu"]
+    E.main(["ref-stats", "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.npz")] + common)
+    reference = E.read_image_set(str(tmp_path / "ref"), image_size=16)
+    images = np.stack([reference["images"].read(j) for j in range(len(reference["labels"]))])
+    np.savez(tmp_path / "same.npz", arr_0=images, labels=reference["labels"],
+             superclass_labels=reference["superclass_labels"], superclass_names=reference["superclass_names"])
+    np.savez(tmp_path / "other.npz", arr_0=255 - images, labels=reference["labels"],
+             superclass_labels=reference["superclass_labels"], superclass_names=reference["superclass_names"])
+    capsys.readouterr()
+    fids = {}
+    for name in ("same", "other"):
+        E.main(["fid", "--samples", str(tmp_path / f"{name}.npz"), "--ref", str(tmp_path / "ref.npz"),
+                "--results", str(tmp_path / "results.json"), "--method", name] + common)
+        fids[name] = json.loads((tmp_path / "results.json").read_text())["fid"]
+    assert list(fids["same"]) == ["overall"] + reference["superclass_names"]
+    assert all(abs(value) < 1e-3 for value in fids["same"].values())
+    assert all(value > 1 for value in fids["other"].values())
+    assert "FID overall: 0.000" in capsys.readouterr().out
 
-def test_parameter_table_from_peft_and_train_logs(tmp_path, capsys):
-    full, fine = [40.0, 100.0, 104.0, 98.0], [60.0, 150.0, 158.0]  # the first interval includes start-up
-    write_log(tmp_path / "full.txt", "full", full)
-    write_log(tmp_path / "fine.txt", "finediffusion", fine)
-    assert E.training_throughput([tmp_path / "full.txt", tmp_path / "fine.txt"]) == {
-        "full": np.median(full), "finediffusion": np.median(fine)}
-    E.main(["params", "--model", "DiT-XL/2", "--image-size", "256", "--num-classes", "10000",
-            "--num-superclasses", "11", "--logs", str(tmp_path / "full.txt"), str(tmp_path / "fine.txt")])
-    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) == set(E.METHODS)
-    assert rows["finediffusion"].startswith("| finediffusion | 685,640,480 | 12,153,632 | 1.77% |")  # the paper's
-    assert rows["finediffusion"].endswith(f"| {np.median(fine):.1f} | {np.median(fine) / np.median(full):.2f}× |")
-    assert rows["full"].endswith(f"| {np.median(full):.1f} | 1.00× |")
-    assert rows["lora"].endswith("| – | – |")  # no log
-    assert "Images/s" not in E.param_table("DiT-S/2", 32, 10, 2)  # without logs: parameters only
-    write_log(tmp_path / "other.txt", "step 0000001", [])
-    with pytest.raises(ValueError, match="other.txt"):
-        E.training_throughput([tmp_path / "other.txt"])
+    E.main(["tsne", "--checkpoint", toy_runs["checkpoint"], "--out", str(tmp_path / "tsne.png"), "--iterations",
+            "100", "--size", "320", "240", "--device", "cpu"])
+    image = Image.open(tmp_path / "tsne.png")
+    assert image.size == (320, 240)
+    present = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert all(color in present for color in E.superclass_colors(len(reference["superclass_names"])))

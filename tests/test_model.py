@@ -1,21 +1,10 @@
-"""DiT and TieredEmbedder against the official implementations' golden outputs and checkpoint manifests."""
+"""DiT and TieredEmbedder against the official implementations' golden outputs and checkpoint manifests; loading a
+DiT of any shape from what its file holds."""
 import pytest
 import torch
 
-from conftest import fixture, rel_err
-from model import DIT_CONFIGS, DiT, describe_dit, load_dit_weights
-
-
-def dit_from_fixture(f):
-    """Build the fixture's model from its own config and load its weights (eval mode, as recorded)."""
-    cfg = dict(f["config"])
-    num_superclasses = cfg.pop("num_super_classes", 0)
-    parents = None
-    if num_superclasses:  # the official FineDiffusion table: fine rows then superclass rows, no null row
-        parents = torch.arange(cfg["num_classes"]) % num_superclasses
-    model = DiT(**cfg, learn_sigma=f.get("learn_sigma", True), num_superclasses=num_superclasses,
-                class_to_superclass=parents, null_row=not num_superclasses, norm_affine=bool(num_superclasses))
-    return load_dit_weights(model, f["state_dict"]).eval()
+from conftest import dit_from_fixture, fixture, rel_err, write_safetensors
+from model import DIT_CONFIGS, DiT, describe_dit, dit_name, load_dit, load_dit_weights, read_dit_shape
 
 
 def test_dit_forward_matches_official():
@@ -26,11 +15,14 @@ def test_dit_forward_matches_official():
 
 
 def test_dit_three_channel_guidance_matches_official():
+    """The official forward_with_cfg: a doubled batch whose second half carries the rows guided away from."""
     f = fixture("dit_tiny.pt")
     model = dit_from_fixture(f)
+    n = len(f["cfg_x"]) // 2
+    model_fn, copies = model.guided(f["cfg_y"][:n], f["cfg_y"][n:], f["cfg_scale"], guided_channels=3)
     with torch.no_grad():
-        out = model.forward_with_cfg(f["cfg_x"], f["cfg_t"], f["cfg_y"], f["cfg_scale"], guided_channels=3)
-    assert rel_err(out, f["cfg_out_first3channels"]) <= 1e-4
+        out = model_fn(f["cfg_x"], f["cfg_t"])
+    assert copies == 2 and rel_err(out, f["cfg_out_first3channels"]) <= 1e-4
 
 
 def test_guidance_on_all_eps_channels_is_eq1():
@@ -39,12 +31,35 @@ def test_guidance_on_all_eps_channels_is_eq1():
     model = dit_from_fixture(f)
     x, t, y, w = f["cfg_x"], f["cfg_t"], f["cfg_y"], f["cfg_scale"]
     n, c = len(x) // 2, model.in_channels
+    model_fn, _ = model.guided(y[:n], y[n:], w)
     with torch.no_grad():
-        out = model.forward_with_cfg(x, t, y, w)
+        out = model_fn(x, t)
         plain = model(torch.cat([x[:n], x[:n]]), t, y)
     expected = plain[n:, :c] + w * (plain[:n, :c] - plain[n:, :c])
     assert torch.allclose(out[:n, :c], expected, atol=1e-5) and torch.equal(out[:n, :c], out[n:, :c])
     assert torch.equal(out[:, c:], plain[:, c:])
+
+
+def test_guidance_kinds_pick_the_right_parent_rows():
+    """fine: each class's own superclass row; cfg: the null row; none: the plain model on an undoubled batch."""
+    parents = [2, 0, 1, 1, 0]
+    model = DiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=5, num_superclasses=3,
+                class_to_superclass=parents, null_row=True).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))
+    labels, x, t = torch.tensor([0, 1, 2, 3, 4]), torch.randn(10, 4, 4, 4), torch.full((10,), 7)
+    for guidance, rows in [("fine", 5 + torch.tensor(parents)), ("cfg", torch.full((5,), 8))]:
+        model_fn, copies = model.guided(labels, guidance, 4.0)
+        with torch.no_grad():
+            model_fn(x, t)
+        assert copies == 2 and torch.equal(seen[-1], torch.cat([labels, rows]))
+    model_fn, copies = model.guided(labels, "none", 4.0)
+    with torch.no_grad():
+        out = model_fn(x[:5], t[:5])
+        assert copies == 1 and torch.equal(seen[-1], labels) and torch.equal(out, model(x[:5], t[:5], labels))
+    plain = DiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+    with pytest.raises(ValueError, match="use cfg or none"):
+        plain.guided(labels, "fine", 4.0)
 
 
 def test_official_finediffusion_forward():
@@ -74,20 +89,45 @@ def test_pos_embed_is_the_official_fixed_embedding():
 def test_wrong_shape_error_names_key_and_what_the_file_fits():
     f = fixture("dit_tiny.pt")
     state_dict = dict(f["state_dict"])
-    state_dict["blocks.1.attn.proj.weight"] = torch.zeros(64, 32)
+    proj = state_dict["blocks.1.attn.proj.weight"]
+    state_dict["blocks.1.attn.proj.weight"] = torch.zeros(proj.shape[0], proj.shape[1] // 2)
     with pytest.raises(ValueError) as err:
         load_dit_weights(DiT(**f["config"]), state_dict, source="tiny.pt")
-    assert "blocks.1.attn.proj.weight" in str(err.value) and "(64, 32)" in str(err.value)
-    with pytest.raises(ValueError) as err:  # a 1000-class table into a 5-class model
-        load_dit_weights(DiT(**{**f["config"], "num_classes": 5}), f["state_dict"])
-    assert "y_embedder.embedding_table.weight" in str(err.value) and "11 label rows" in str(err.value)
+    assert "blocks.1.attn.proj.weight" in str(err.value)
+    assert str((proj.shape[0], proj.shape[1] // 2)) in str(err.value)
+    rows = f["state_dict"]["y_embedder.embedding_table.weight"].shape[0]
+    with pytest.raises(ValueError) as err:  # the file's table into a model with another number of classes
+        load_dit_weights(DiT(**{**f["config"], "num_classes": rows + 3}), f["state_dict"])
+    assert "y_embedder.embedding_table.weight" in str(err.value) and f"{rows} label rows" in str(err.value)
 
 
 def test_xl2_file_description():
     with torch.device("meta"):
         model = DiT(input_size=64, **DIT_CONFIGS["DiT-XL/2"])
-    text = describe_dit(model.state_dict())
+    text = describe_dit(read_dit_shape(model.state_dict()))
     assert text.startswith("DiT-XL/2") and "--image-size 512" in text and "1001 label rows" in text
+
+
+def test_load_dit_builds_what_the_file_holds(tmp_path):
+    """Any shape, from the file alone: the fixture's DiT as .pt and .safetensors, and a DiT of a shape no named
+    configuration has (depth 6, width 256, patch 4); heads by the stated rule unless given."""
+    f = fixture("dit_tiny.pt")
+    torch.save(f["state_dict"], tmp_path / "tiny.pt")
+    write_safetensors(f["state_dict"], tmp_path / "tiny.safetensors")
+    for path in ("tiny.pt", "tiny.safetensors"):
+        model = load_dit(str(tmp_path / path), num_heads=f["config"]["num_heads"]).eval()
+        assert {k: model.config[k] for k in f["config"]} == f["config"]
+        with torch.no_grad():
+            assert rel_err(model(f["x"], f["t"], f["y"]), f["out"]) <= 1e-4
+    other = DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=256, depth=6, num_heads=4, num_classes=7)
+    torch.save(dict(model=other.state_dict(), ema=other.state_dict()), tmp_path / "other.pt")
+    loaded = load_dit(str(tmp_path / "other.pt"))
+    assert loaded.config == other.config and dit_name(loaded.config) is None
+    with pytest.raises(ValueError, match="not --model DiT-S/4"):
+        load_dit(str(tmp_path / "other.pt"), name="DiT-S/4")
+    resized = load_dit(str(tmp_path / "other.pt"), input_size=32)  # DiffFit's trick: positions (i/2, j/2)
+    assert resized.pos_embed_scale == 0.5
+    assert torch.equal(resized.pos_embed.reshape(8, 8, -1)[::2, ::2].reshape(1, 16, -1), other.pos_embed)
 
 
 def test_tiered_label_replacement():
@@ -113,3 +153,4 @@ def test_difffit_positional_trick():
     large = DiT(input_size=16, patch_size=2, hidden_size=64, depth=1, num_heads=4, pos_embed_scale=0.5)
     every_other = large.pos_embed.reshape(8, 8, 64)[::2, ::2].reshape(1, 16, 64)
     assert torch.equal(every_other, small.pos_embed)
+    assert torch.equal(DiT(**small.config).resize(16).pos_embed, large.pos_embed)

@@ -1,16 +1,13 @@
-"""Fine-tuning methods: exact parameter counts, what trains, what a fresh model promises, merging, deltas."""
-import io
-
+"""Fine-tuning methods: exact parameter counts, what trains, what a fresh model promises, merging, checkpoints."""
 import pytest
 import torch
 
-from conftest import fixture
+from conftest import dit_from_fixture, fixture
 from model import DIT_CONFIGS, DiT
-from peft import METHODS, base_fingerprint, merge, parameter_table, prepare, rebuild, trainable_state_dict
-from test_model import dit_from_fixture
+from peft import (METHODS, Checkpoint, base_fingerprint, load_model, merge, parameter_table, prepare,
+                  read_checkpoint, save_checkpoint, trainable_state_dict)
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
-OPTIONS = dict(num_classes=6, class_to_superclass=PARENTS, num_superclasses=3)
 
 
 def xl2_counts():
@@ -44,7 +41,8 @@ def xl2_counts():
 
 def test_xl2_parameter_counts():
     expected = xl2_counts()
-    rows = {row[0]: row for row in parameter_table("DiT-XL/2", 256, 10000, 11)}
+    rows = {row[0]: row for row in parameter_table(dict(DIT_CONFIGS["DiT-XL/2"], input_size=32),
+                                                   [c % 11 for c in range(10000)])}
     assert rows["finediffusion"][1:3] == (685_640_480, 12_153_632)  # FineDiffusion Table 2: 1.77%
     assert round(rows["finediffusion"][3], 2) == 1.77
     for method in METHODS:
@@ -56,14 +54,14 @@ def test_finediffusion_delta_is_under_two_percent_of_the_checkpoint():
         base = DiT(input_size=32, num_classes=1000, **DIT_CONFIGS["DiT-XL/2"])
     full_bytes = sum(t.numel() * 4 for t in base.state_dict().values())  # the official fp32 .pt
     with torch.device("meta"):
-        model = prepare(base, "finediffusion", 10000, [c % 11 for c in range(10000)], 11)
+        model = prepare(base, "finediffusion", [c % 11 for c in range(10000)])
     delta_bytes = sum(t.numel() * 4 for t in trainable_state_dict(model).values())
     assert delta_bytes / full_bytes < 0.02
 
 
-def fresh(method, **kw):
+def fresh(method):
     f = fixture("dit_tiny.pt")
-    return f, prepare(dit_from_fixture(f), method, **OPTIONS, **kw)
+    return f, prepare(dit_from_fixture(f), method, PARENTS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -73,8 +71,8 @@ def test_one_step_changes_exactly_the_trainable_tensors(method):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
-    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8] if method == "finediffusion" else [0, 1, 2, 3, 4, 5, 6, 6])
-    x = torch.randn(len(labels), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(model.y_embedder.embedding_table.num_embeddings)  # every row: fine, superclass or null
+    x = torch.randn(len(labels), *f["x"].shape[1:], generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # two steps: LoRA's A and the Affiner branch get gradients once B / s are non-zero
         loss = model(x, torch.full((len(labels),), 500), labels).square().mean()
         opt.zero_grad()
@@ -101,16 +99,18 @@ def test_fresh_model_keeps_the_base_unconditional_output(method):
 
 def test_fresh_finediffusion_and_diffscaler_promises():
     """Identity LayerNorms keep the function; DiffScaler's new classes start as the null embedding."""
-    f, model = fresh("finediffusion", null_row=True)
+    f, model = fresh("finediffusion")
     base = dit_from_fixture(f)
-    with torch.no_grad():
-        ours = model.eval()(f["x"], f["t"], torch.full_like(f["y"], model.y_embedder.null_index))
-        ref = base(f["x"], f["t"], torch.full_like(f["y"], base.y_embedder.null_index))
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    with torch.no_grad():  # give the base's row 0 the embedding of FineDiffusion's superclass row 6
+        base.y_embedder.embedding_table.weight[0] = model.y_embedder.embedding_table.weight[6]
+        ours = model.eval()(f["x"], f["t"], torch.full_like(f["y"], 6))
+        same_embedding = base(f["x"], f["t"], torch.zeros_like(f["y"]))
+        null = base(f["x"], f["t"], torch.full_like(f["y"], base.y_embedder.null_index))
+    torch.testing.assert_close(ours, same_embedding, rtol=0, atol=1e-6)
     f, model = fresh("diffscaler")
     with torch.no_grad():
-        new_classes = model.eval()(f["x"], f["t"], torch.tensor([0, 2, 4, 5]))
-    torch.testing.assert_close(new_classes, ref, rtol=0, atol=1e-6)
+        new_classes = model.eval()(f["x"], f["t"], torch.tensor(range(len(PARENTS)))[: len(f["x"])])
+    torch.testing.assert_close(new_classes, null[: len(new_classes)], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["difffit", "lora", "diffscaler"])
@@ -129,32 +129,50 @@ def test_merged_equals_unmerged(method):
         assert names["merged"] == names["official"]
 
 
-def test_delta_round_trip_and_wrong_base():
+def test_delta_round_trip_and_wrong_base(tmp_path):
+    """A delta written by save_checkpoint and read back on its base is the trained model; another base is refused."""
     f, model = fresh("finediffusion")
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     base = dit_from_fixture(f)
-    checkpoint = dict(method="finediffusion", method_options=OPTIONS, base=base_fingerprint(base),
-                      model_config=dict(f["config"], learn_sigma=True), ema=trainable_state_dict(model))
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    checkpoint = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    rebuilt = rebuild(checkpoint, f["state_dict"])
+    torch.save(f["state_dict"], tmp_path / "base.pt")
+    trained = trainable_state_dict(model)
+    checkpoint = Checkpoint(method="finediffusion", options=dict(class_to_superclass=PARENTS), dit=base.config,
+                            base=dict(path=str(tmp_path / "base.pt"), sha256=base_fingerprint(base)), hierarchy={},
+                            vae=None, data={}, model=trained, ema=trained, step=1)
+    save_checkpoint(str(tmp_path / "delta.pt"), checkpoint)
+    read = read_checkpoint(str(tmp_path / "delta.pt"))
+    assert (read.method, read.options, read.dit, read.base, read.step) == (
+        checkpoint.method, checkpoint.options, checkpoint.dit, checkpoint.base, checkpoint.step)
+    assert read.ema.keys() == trained.keys() and all(torch.equal(read.ema[k], v) for k, v in trained.items())
+    rebuilt, read = load_model(str(tmp_path / "delta.pt"))  # heads: from the recorded base config
+    assert read.method == "finediffusion" and read.base == checkpoint.base
+    labels = torch.arange(len(f["y"])) % rebuilt.y_embedder.embedding_table.num_embeddings
     with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(f["x"], f["t"], f["y"] % 9), model.eval()(f["x"], f["t"], f["y"] % 9))
+        assert torch.equal(rebuilt.eval()(f["x"], f["t"], labels), model.eval()(f["x"], f["t"], labels))
     other = dict(f["state_dict"])
-    other["x_embedder.proj.weight"] = 2 * other["x_embedder.proj.weight"]
-    with pytest.raises(ValueError, match="another base"):
-        rebuild(checkpoint, other)
-    with pytest.raises(ValueError, match="needs its base"):
-        rebuild(checkpoint)
+    other["blocks.1.mlp.fc1.weight"] = other["blocks.1.mlp.fc1.weight"] + 1e-3  # a frozen tensor deep inside
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not the base"):
+        load_model(str(tmp_path / "delta.pt"), base=str(tmp_path / "other.pt"))
+    (tmp_path / "base.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="--base"):
+        load_model(str(tmp_path / "delta.pt"))
+
+
+def test_old_checkpoint_format_is_refused_with_a_message(tmp_path):
+    torch.save(dict(method="finediffusion", ema={}, model={}, args={}), tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="format 1; this version reads format 2"):
+        read_checkpoint(str(tmp_path / "old.pt"))
 
 
 def test_unknown_method_and_missing_hierarchy():
     f = fixture("dit_tiny.pt")
     with pytest.raises(ValueError, match="choose one of"):
-        prepare(dit_from_fixture(f), "adapter", 6)
+        prepare(dit_from_fixture(f), "adapter", PARENTS)
     with pytest.raises(ValueError, match="hierarchy"):
-        prepare(dit_from_fixture(f), "finediffusion", 6)
+        prepare(dit_from_fixture(f), "finediffusion", [0] * len(PARENTS), num_superclasses=0)
+    with pytest.raises(ValueError, match="no option"):
+        prepare(dit_from_fixture(f), "bitfit", PARENTS, lora_rank=4)

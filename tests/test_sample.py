@@ -1,5 +1,7 @@
-"""sample.py on the toy FineDiffusion checkpoint: determinism, guidance modes, class names, bulk sampling."""
+"""sample.py: determinism, what guidance does, class names, a moved base, official checkpoints in latent space with
+the official three-channel guidance, and bulk sampling under torchrun."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,49 +12,124 @@ from PIL import Image
 
 import evaluate
 import sample
-from conftest import ROOT
+from conftest import ROOT, write_tiny_vae
+from data import Hierarchy
+from model import DIT_CONFIGS, DiT
+from peft import read_checkpoint, save_checkpoint
 
 
-def run(toy_runs, tmp_path, *extra):
-    ckpt = os.path.join(toy_runs["run_dir"], "checkpoints", "0000004.pt")
+def run(ckpt, tmp_path, *extra):
+    """sample.py on `ckpt` (4 images, 5 steps) -> the grid it wrote, as an array."""
     out = str(tmp_path / f"grid{len(os.listdir(tmp_path))}.png")
     sample.main(sample.parse_args(["--ckpt", ckpt, "--n", "4", "--num-sampling-steps", "5", "--out", out, *extra]))
-    return np.asarray(Image.open(out))
+    return np.asarray(Image.open(out)).astype(int)
 
 
-def test_same_seed_same_images_and_guidance_modes_differ(toy_runs, tmp_path):
-    first = run(toy_runs, tmp_path, "--class", "3", "--seed", "1")
-    assert np.array_equal(first, run(toy_runs, tmp_path, "--class", "3", "--seed", "1"))
-    assert not np.array_equal(first, run(toy_runs, tmp_path, "--class", "3", "--seed", "2"))
-    none = run(toy_runs, tmp_path, "--class", "3", "--seed", "1", "--guidance", "none")
-    assert not np.array_equal(first, none)
-    ddim = run(toy_runs, tmp_path, "--class", "3", "--seed", "1", "--sampler", "ddim")
-    assert first.shape == none.shape == ddim.shape == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2), 3)  # a 2x2 grid
+def test_same_seed_same_images(toy_runs, tmp_path):
+    first = run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--seed", "1")
+    assert np.array_equal(first, run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--seed", "1"))
+    assert not np.array_equal(first, run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--seed", "2"))
+    assert first.shape == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2), 3)  # a 2x2 grid of 16 px images
 
 
 def test_class_by_name_and_bad_inputs(toy_runs, tmp_path):
-    checkpoint = torch.load(os.path.join(toy_runs["run_dir"], "checkpoints", "0000004.pt"), weights_only=True)
-    names = checkpoint["hierarchy"]["class_names"]
-    by_name = run(toy_runs, tmp_path, "--class", names[3].upper(), "--seed", "1")
-    assert np.array_equal(by_name, run(toy_runs, tmp_path, "--class", "3", "--seed", "1"))
+    names = read_checkpoint(toy_runs["checkpoint"]).hierarchy["class_names"]
+    by_name = run(toy_runs["checkpoint"], tmp_path, "--class", names[3].upper(), "--seed", "1")
+    assert np.array_equal(by_name, run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--seed", "1"))
     with pytest.raises(SystemExit, match=rf"valid ids are 0\.\.{len(names) - 1}"):
-        run(toy_runs, tmp_path, "--class", "999")
+        run(toy_runs["checkpoint"], tmp_path, "--class", str(len(names)))
     with pytest.raises(SystemExit, match=f"closest: .*{names[3]}"):
-        run(toy_runs, tmp_path, "--class", names[3][:-1] + "z")
+        run(toy_runs["checkpoint"], tmp_path, "--class", names[3][:-1] + "z")
     with pytest.raises(SystemExit, match="no null label row"):
-        run(toy_runs, tmp_path, "--class", "3", "--guidance", "cfg")
+        run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--guidance", "cfg")
+
+
+def test_moved_base_needs_and_takes_base(toy_runs, tmp_path):
+    """A delta whose base has moved says to pass --base; with it, the same network as before the move."""
+    moved = shutil.copytree(os.path.dirname(os.path.dirname(toy_runs["base"])), tmp_path / "moved-base")
+    delta = str(tmp_path / "delta.pt")
+    checkpoint = read_checkpoint(toy_runs["checkpoint"])
+    checkpoint.base = dict(checkpoint.base, path=str(tmp_path / "gone.pt"))  # as if the base had moved
+    save_checkpoint(delta, checkpoint)
+    with pytest.raises(SystemExit, match="--base"):
+        run(delta, tmp_path, "--class", "2")
+    run(delta, tmp_path, "--class", "2", "--base", str(moved / "checkpoints" / "0000003.pt"))
+    before, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))
+    after, _, _ = sample.load_model(sample.parse_args(["--ckpt", delta, "--base", str(moved / "checkpoints" /
+                                                                                        "0000003.pt")]))
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500]), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        assert torch.equal(before.eval()(x, t, y), after.eval()(x, t, y))
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    """An official DiT file (raw state dict) and an official FineDiffusion training checkpoint ({"model", "ema"},
+    affine LayerNorms, fine + superclass rows, no null row), both DiT-S/8 in the latent space of the tiny VAE, with
+    non-trivial weights everywhere (adaLN-zero layers included) so that guidance has something to change."""
+    root = tmp_path_factory.mktemp("official")
+    torch.manual_seed(0)
+    official = DiT(input_size=8, num_classes=1000, **DIT_CONFIGS["DiT-S/8"]).eval()
+    hierarchy = Hierarchy(["a", "b", "c", "d", "e"], ["P", "Q"], [0, 0, 1, 1, 1])
+    hierarchy.to_json(str(root / "classes.json"))
+    tiered = DiT(input_size=8, num_classes=5, num_superclasses=2, class_to_superclass=[0, 0, 1, 1, 1],
+                 null_row=False, norm_affine=True, **DIT_CONFIGS["DiT-S/8"]).eval()
+    with torch.no_grad():
+        for p in list(official.parameters()) + list(tiered.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(official.state_dict(), root / "DiT-S-8.pt")
+    torch.save(dict(model=tiered.state_dict(), ema=tiered.state_dict()), root / "finediffusion.pt")
+    return dict(root=root, official=official, tiered=tiered, vae=write_tiny_vae(root / "vae"))
+
+
+def test_official_checkpoints_load_for_sampling(official_files):
+    """Both load by their shapes; the FineDiffusion one needs --hierarchy for its split of rows."""
+    root, x, t = official_files["root"], torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    for file, reference, labels, extra in [("DiT-S-8.pt", official_files["official"], torch.tensor([1, 1000]), []),
+                                           ("finediffusion.pt", official_files["tiered"], torch.tensor([4, 6]),
+                                            ["--hierarchy", str(root / "classes.json")])]:
+        model, _, _ = sample.load_model(sample.parse_args(["--ckpt", str(root / file)] + extra))
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x, t, labels), reference(x, t, labels))
+    with pytest.raises(SystemExit, match="--hierarchy"):
+        sample.load_model(sample.parse_args(["--ckpt", str(root / "finediffusion.pt")]))
+
+
+def test_guidance_scale_one_is_the_conditional_model(official_files, tmp_path):
+    """Eq. 1 at w = 1 is eps(x_t | c) itself: with deterministic DDIM the images equal unguided ones (up to rounding
+    to uint8); at w = 4 the superclass pushes them away."""
+    ckpt = str(official_files["root"] / "finediffusion.pt")
+    common = ("--class", "3", "--seed", "1", "--sampler", "ddim", "--vae", official_files["vae"],
+              "--hierarchy", str(official_files["root"] / "classes.json"))
+    unguided = run(ckpt, tmp_path, *common, "--guidance", "none")
+    at_one = run(ckpt, tmp_path, *common, "--guidance", "fine", "--cfg-scale", "1")
+    at_four = run(ckpt, tmp_path, *common, "--guidance", "fine", "--cfg-scale", "4")
+    assert np.abs(at_one - unguided).max() <= 1
+    assert np.abs(at_four - unguided).max() > 8
+
+
+def test_official_three_channels_from_the_command_line(official_files, tmp_path):
+    """DiT's own sampler guides eps channels 0..2 only: on a 4-channel latent model that changes the images; at
+    scale 1 guidance changes nothing on any channel, so the flag cannot either."""
+    common = ("--class", "7", "--seed", "3", "--sampler", "ddim", "--vae", official_files["vae"])
+    ckpt = str(official_files["root"] / "DiT-S-8.pt")
+    all_channels = run(ckpt, tmp_path, *common)
+    three = run(ckpt, tmp_path, *common, "--official-three-channels")
+    assert all_channels.shape == (2 + 2 * (16 + 2),) * 2 + (3,)  # the tiny VAE doubles the 8x8 latents
+    assert np.abs(three - all_channels).max() > 8
+    at_one = [run(ckpt, tmp_path, *common, "--cfg-scale", "1", *flag) for flag in ((), ("--official-three-channels",))]
+    assert np.abs(at_one[0] - at_one[1]).max() <= 1
 
 
 def test_bulk_sampling_on_two_processes(toy_runs, tmp_path):
     """torchrun with 2 CPU processes writes every PNG and one .npz with the right labels, which evaluate.py reads."""
-    ckpt = os.path.join(toy_runs["run_dir"], "checkpoints", "0000004.pt")
     out = tmp_path / "bulk"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "sample.py", "--ckpt", ckpt, "--num-samples", "13", "--batch-size", "4",
+                             "sample.py", "--ckpt", toy_runs["checkpoint"], "--num-samples", "13", "--batch-size", "4",
                              "--num-sampling-steps", "3", "--out", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    hierarchy = torch.load(ckpt, weights_only=True)["hierarchy"]
+    hierarchy = read_checkpoint(toy_runs["checkpoint"]).hierarchy
     with np.load(str(out) + ".npz") as npz:
         images, labels = npz["arr_0"], npz["labels"]
         assert images.shape == (13, 16, 16, 3) and images.dtype == np.uint8
@@ -61,29 +138,3 @@ def test_bulk_sampling_on_two_processes(toy_runs, tmp_path):
     assert len(os.listdir(out)) == 13
     read = evaluate.read_image_set(str(out) + ".npz")
     assert np.array_equal(read["labels"], labels) and read["superclass_names"] == hierarchy["superclass_names"]
-
-
-def test_official_checkpoints_load_for_sampling(tmp_path):
-    """An official DiT file (raw state dict) and an official FineDiffusion training checkpoint ({"model", "ema"},
-    affine LayerNorms, fine + superclass rows, no null row) load by their shapes; the latter needs --hierarchy."""
-    from data import Hierarchy
-    from model import DIT_CONFIGS, DiT
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
-    official = DiT(input_size=8, num_classes=1000, **DIT_CONFIGS["DiT-S/8"]).eval()
-    torch.save(official.state_dict(), tmp_path / "DiT-S-8.pt")
-    hierarchy = Hierarchy(["a", "b", "c", "d", "e"], ["P", "Q"], [0, 0, 1, 1, 1])
-    hierarchy.to_json(str(tmp_path / "classes.json"))
-    tiered = DiT(input_size=8, num_classes=5, num_superclasses=2, class_to_superclass=[0, 0, 1, 1, 1],
-                 null_row=False, norm_affine=True, **DIT_CONFIGS["DiT-S/8"]).eval()
-    with torch.no_grad():
-        for p in tiered.parameters():  # non-trivial weights everywhere, adaLN-zero layers included
-            p.add_(0.01 * torch.randn_like(p))
-    torch.save(dict(model=tiered.state_dict(), ema=tiered.state_dict()), tmp_path / "finediffusion.pt")
-    for file, reference, labels, extra in [("DiT-S-8.pt", official, torch.tensor([1, 1000]), []),
-                                           ("finediffusion.pt", tiered, torch.tensor([4, 6]),
-                                            ["--hierarchy", str(tmp_path / "classes.json")])]:
-        model, _, _ = sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / file)] + extra))
-        with torch.no_grad():
-            assert torch.equal(model.eval()(x, t, labels), reference(x, t, labels))
-    with pytest.raises(SystemExit, match="--hierarchy"):
-        sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / "finediffusion.pt")]))

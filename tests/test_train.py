@@ -1,5 +1,7 @@
-"""Training: exact resume, torchrun DDP on CPU, clear errors."""
+"""Training: exact resume, torchrun DDP on CPU, precision and checkpointing, bases of any shape, clear errors."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,32 +9,47 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, fixture, write_tiny_vae
+from model import AutoencoderKL, DiT, load_vae_state_dict
+from peft import load_model, read_checkpoint, trainable_state_dict
 
 
-def test_resume_is_bit_identical(toy_runs):
+def toy_args(toy_runs, tmp_path, *extra):
+    """The toy fine-tuning run's flags, writing into this test's own results folder."""
+    return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion",
+                                                  "--ckpt", toy_runs["base"], "--results-dir", str(tmp_path), *extra])
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_is_bit_identical(toy_runs, tmp_path):
     """A run stopped at step 2 and resumed reaches the uninterrupted run's step-4 state bit for bit."""
-    checkpoints = os.path.join(toy_runs["run_dir"], "checkpoints")
-    uninterrupted = torch.load(os.path.join(checkpoints, "0000004.pt"), weights_only=True)
-    train.main(train.parse_args(["--resume", os.path.join(checkpoints, "0000002.pt"), "--max-steps", "4"]))
-    resumed = torch.load(os.path.join(checkpoints, "0000004.pt"), weights_only=True)
-    assert resumed["step"] == uninterrupted["step"] == 4
-    for key in ("model", "ema"):
-        assert resumed[key].keys() == uninterrupted[key].keys()
-        for name, value in uninterrupted[key].items():
-            assert torch.equal(resumed[key][name], value), f"{key}/{name} differs after resume"
-    for a, b in zip(resumed["opt"]["state"].values(), uninterrupted["opt"]["state"].values()):
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    uninterrupted = read_checkpoint(toy_runs["checkpoint"])
+    os.remove(run_dir / "checkpoints" / "0000004.pt")
+    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000002.pt"), "--max-steps", "4"]))
+    resumed = read_checkpoint(str(run_dir / "checkpoints" / "0000004.pt"))
+    assert resumed.step == uninterrupted.step == 4
+    for name in ("model", "ema"):
+        ours, theirs = getattr(resumed, name), getattr(uninterrupted, name)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items()), f"{name} differs after resume"
+    for a, b in zip(resumed.optimizer["state"].values(), uninterrupted.optimizer["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_holds_only_what_trained(toy_runs):
-    checkpoint = torch.load(os.path.join(toy_runs["run_dir"], "checkpoints", "0000004.pt"), weights_only=True)
-    assert checkpoint["method"] == "finediffusion" and checkpoint["base"]["path"] == os.path.abspath(toy_runs["base"])
-    assert all(name.startswith("y_embedder.") or name.endswith(("bias", "weight")) and ".norm" in name
-               or name.endswith(".bias") for name in checkpoint["model"])
-    rows = checkpoint["model"]["y_embedder.embedding_table.weight"].shape[0]
-    hierarchy = checkpoint["hierarchy"]
-    assert rows == len(hierarchy["class_names"]) + len(hierarchy["superclass_names"])  # no null row
+def test_checkpoint_holds_exactly_what_trained(toy_runs):
+    """The delta's tensors are the prepared model's trainable ones, and its label table has no null row."""
+    checkpoint = read_checkpoint(toy_runs["checkpoint"])
+    model, _ = load_model(toy_runs["checkpoint"])
+    assert checkpoint.method == "finediffusion" and checkpoint.base["path"] == os.path.abspath(toy_runs["base"])
+    assert set(checkpoint.model) == set(checkpoint.ema) == set(trainable_state_dict(model))
+    rows = model.y_embedder.embedding_table.num_embeddings
+    assert rows == len(checkpoint.hierarchy["class_names"]) + len(checkpoint.hierarchy["superclass_names"])
+    assert [m["step"] for m in metrics(toy_runs["run_dir"])] == [1, 2, 3, 4]
 
 
 def test_torchrun_two_processes_stay_in_sync(toy_runs, tmp_path):
@@ -44,62 +61,140 @@ def test_torchrun_two_processes_stay_in_sync(toy_runs, tmp_path):
         "import train\n"
         "from peft import trainable_state_dict\n"
         "model, run_dir = train.main(train.parse_args(sys.argv[1:]))\n"
-        f"torch.save(trainable_state_dict(model), {str(tmp_path)!r} + f'/rank{{train.os.environ[\"RANK\"]}}.pt')\n"
-        "print('RUN_DIR', run_dir)\n")
-    args = toy_runs["common"][:] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
-                                    "--max-steps", "2", "--results-dir", str(tmp_path / "results")]
+        f"torch.save(trainable_state_dict(model), {str(tmp_path)!r} + f'/rank{{train.os.environ[\"RANK\"]}}.pt')\n")
+    args = toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
+                                 "--max-steps", "2", "--results-dir", str(tmp_path / "results")]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(worker)] + args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    base_table = torch.load(toy_runs["base"], weights_only=True)["ema"]["y_embedder.embedding_table.weight"]
-    assert not torch.equal(rank0["y_embedder.embedding_table.weight"][: len(base_table)], base_table)
+    base_bias = read_checkpoint(toy_runs["base"]).ema["blocks.0.attn.qkv.bias"]
+    assert not torch.equal(rank0["blocks.0.attn.qkv.bias"], base_bias)  # it trained
     log = open(next((tmp_path / "results").glob("*/log.txt"))).read()
     assert log.count("step 0000002") == 1 and "2 process(es)" in log
 
 
+def test_resume_on_another_world_size(toy_runs, tmp_path):
+    """A one-process checkpoint continues on two processes: fresh random streams, said in the log."""
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    os.remove(run_dir / "checkpoints" / "0000004.pt")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "--resume", str(run_dir / "checkpoints" / "0000002.pt"), "--max-steps", "4"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming on 2 processes, not 1" in (run_dir / "log.txt").read_text()
+    resumed = read_checkpoint(str(run_dir / "checkpoints" / "0000004.pt"))
+    assert resumed.step == 4 and len(resumed.rng) == 2
+    assert all(torch.isfinite(v).all() for v in resumed.ema.values())
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--global-batch-size", "7"], None),  # one process: any batch size divides
     (["--method", "bitfit"], "give its --ckpt"),
     (["--vae", None], "--vae"),
+    (["--global-batch-size", "1000"], "cannot fill one batch"),
 ])
-def test_clear_errors(toy_runs, extra, message):
-    args = toy_runs["common"] + ["--split", "source", "--method", "full", "--max-steps", "0"]
+def test_clear_errors(toy_runs, tmp_path, extra, message):
+    args = toy_runs["common"] + ["--split", "source", "--method", "full", "--max-steps", "1",
+                                 "--results-dir", str(tmp_path)]
     if extra[-1] is None:
         args = [a for i, a in enumerate(args) if a != extra[0] and args[i - 1] != extra[0]]
     else:
         args += extra
-    if message is None:
-        train.main(train.parse_args(args))
-        return
     with pytest.raises(SystemExit, match=message):
         train.main(train.parse_args(args))
 
 
-def test_base_checkpoint_that_does_not_fit(toy_runs):
-    args = toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
-                                 "--model", "DiT-S/4", "--max-steps", "0"]
+def test_any_batch_size_on_one_process(toy_runs, tmp_path):
+    _, run_dir = train.main(train.parse_args(toy_runs["common"] + [
+        "--split", "source", "--method", "full", "--max-steps", "1", "--global-batch-size", "7",
+        "--results-dir", str(tmp_path)]))
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "0000001.pt"))
+
+
+def test_base_checkpoint_that_does_not_fit(toy_runs, tmp_path):
     with pytest.raises(SystemExit, match="not --model DiT-S/4"):
-        train.main(train.parse_args(args))
+        train.main(toy_args(toy_runs, tmp_path, "--model", "DiT-S/4", "--max-steps", "1"))
+
+
+def test_a_base_of_any_shape_fine_tunes_with_ckpt_alone(toy_runs, tmp_path):
+    """A DiT trained elsewhere with a shape no named configuration has (depth 6, width 256, patch 4): --ckpt alone."""
+    other = DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=256, depth=6, num_heads=4, num_classes=5)
+    torch.save(other.state_dict(), tmp_path / "fast-dit.pt")
+    args = [a for a in toy_runs["common"] if a not in ("--model", "DiT-T/4")]
+    model, run_dir = train.main(train.parse_args(args + [
+        "--split", "target", "--method", "finediffusion", "--ckpt", str(tmp_path / "fast-dit.pt"),
+        "--max-steps", "1", "--results-dir", str(tmp_path / "results")]))
+    checkpoint = read_checkpoint(os.path.join(run_dir, "checkpoints", "0000001.pt"))
+    assert {k: checkpoint.dit[k] for k in ("depth", "hidden_size", "patch_size", "num_heads")} == dict(
+        depth=6, hidden_size=256, patch_size=4, num_heads=4)
+    assert os.path.basename(run_dir) == "000-DiT-6x256-finediffusion"
+
+
+def test_difffit_positional_trick_through_train(toy_runs, tmp_path):
+    """Fine-tuning at twice the base's size: positions (i/2, j/2), recorded so that sampling rebuilds it."""
+    _, run_dir = train.main(toy_args(toy_runs, tmp_path, "--image-size", "32", "--max-steps", "1"))
+    model, checkpoint = load_model(os.path.join(run_dir, "checkpoints", "0000001.pt"))
+    base, _ = load_model(toy_runs["base"])
+    assert checkpoint.dit["input_size"] == 32 and checkpoint.dit["pos_embed_scale"] == 0.5
+    grid = 32 // model.patch_size
+    every_other = model.pos_embed.reshape(grid, grid, -1)[::2, ::2].reshape(base.pos_embed.shape)
+    assert torch.equal(every_other, base.pos_embed)
+
+
+def test_bf16_on_cpu_is_close_to_fp32(toy_runs, tmp_path):
+    """Autocast runs on the CPU too: the first step's loss (same weights, data and noise) within 2%."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        _, run_dir = train.main(toy_args(toy_runs, tmp_path / precision, "--precision", precision, "--max-steps", "1"))
+        losses[precision] = metrics(run_dir)[0]["loss"]
+    assert losses["bf16"] != losses["fp32"]  # it did run in bf16
+    assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * losses["fp32"]
+
+
+def test_grad_checkpointing_gives_the_same_gradients(toy_runs):
+    model, _ = load_model(toy_runs["checkpoint"])
+    model.train()
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(0)  # the same label dropout in both passes
+        model(x, t, y).square().mean().backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_latent_training_from_the_cache(toy_runs, tmp_path):
     """--vae with --latent-cache: the data is encoded once, then each step samples the cached posterior."""
-    import json
-    from conftest import fixture
-    from model import write_safetensors
     f = fixture("vae_tiny.pt")
-    vae_dir = tmp_path / "vae"
-    vae_dir.mkdir()
-    write_safetensors(f["state_dict"], str(vae_dir / "diffusion_pytorch_model.safetensors"))
-    (vae_dir / "config.json").write_text(json.dumps(dict(f["config"], scaling_factor=f["scaling_factor"])))
-    args = [a if a != "none" else str(vae_dir) for a in toy_runs["common"]]
+    vae_dir = write_tiny_vae(tmp_path / "vae")
+    args = [a if a != "none" else vae_dir for a in toy_runs["common"]]
     args += ["--split", "source", "--method", "full", "--max-steps", "2", "--model", "DiT-T/2",
              "--latent-cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
     model, run_dir = train.main(train.parse_args(args))
     assert model.in_channels == f["config"]["latent_channels"] and (tmp_path / "cache" / "latents.npy").exists()
-    assert "step 0000002" in open(os.path.join(run_dir, "log.txt")).read()
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+
+
+def test_model_input_samples_the_cached_posterior():
+    """What a step feeds the DiT from cached moments: z = mean + std * eps, drawn afresh each time."""
+    torch.manual_seed(0)
+    mean, std = torch.randn(1, 4, 3, 3).expand(20000, -1, -1, -1), torch.rand(1, 4, 3, 3).expand(20000, -1, -1, -1)
+    z = train.to_model_input((mean, std), None, torch.device("cpu"))
+    assert (z.mean(0) - mean[0]).abs().max() <= 5 * std.max() / 20000 ** 0.5
+    assert (z.std(0) / std[0] - 1).abs().max() <= 0.03
+    f = fixture("vae_tiny.pt")
+    vae = load_vae_state_dict(AutoencoderKL.from_config(f["config"]), f["state_dict"]).eval()
+    with torch.no_grad():
+        posterior = vae.encode(f["image"])
+        torch.manual_seed(1)
+        z = train.to_model_input(f["image"], vae, torch.device("cpu"))
+    torch.manual_seed(1)
+    expected = (posterior.mean + posterior.std * torch.randn_like(posterior.std)) * vae.scaling_factor
+    torch.testing.assert_close(z, expected)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_runs, tmp_path):
@@ -111,5 +206,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_runs, tmp_path)
     log = open(next(tmp_path.glob("*/log.txt"))).read()
     assert "stopping before it reaches the weights" in log
     saved = sorted(tmp_path.glob("*/checkpoints/*.pt"))
-    last = torch.load(saved[-1], weights_only=True)
-    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    last = read_checkpoint(str(saved[-1]))
+    assert all(torch.isfinite(v).all() for v in last.model.values())

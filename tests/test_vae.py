@@ -5,9 +5,8 @@ import struct
 import pytest
 import torch
 
-from conftest import fixture, rel_err
-from model import (AutoencoderKL, load_state_dict_file, load_vae, load_vae_state_dict, read_safetensors,
-                       write_safetensors)
+from conftest import fixture, rel_err, write_safetensors
+from model import AutoencoderKL, load_state_dict_file, load_vae, load_vae_state_dict, read_safetensors
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import colorsys
 import json
 import math
 import os
+import pathlib
 from collections import OrderedDict
 
 import numpy as np
@@ -39,14 +40,6 @@ LPIPS_SOURCE = ("LPIPS v0.1 (alex) is two files: the linear heads `lpips/weights
                 "(github.com/richzhang/PerceptualSimilarity) and torchvision's AlexNet "
                 "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth; pass both, or one file saved with "
                 "torch.save(lpips.LPIPS(net='alex').state_dict(), path).")
-
-
-def read_weights(path, where_to_get):
-    """A state dict from a user-given file, or an error that says where the file comes from."""
-    try:
-        return load_state_dict_file(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}. {where_to_get}") from None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -223,7 +216,7 @@ def inception_from_state_dict(state_dict, source="the state dict"):
 
 
 def load_inception(path, device="cpu"):
-    return inception_from_state_dict(read_weights(path, INCEPTION_SOURCE), path).to(device)
+    return inception_from_state_dict(load_state_dict_file(path, INCEPTION_SOURCE), path).to(device)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -324,7 +317,7 @@ def lpips_from_state_dict(state_dict, source="the state dict"):
 
 def load_lpips(paths, device="cpu"):
     """LPIPS from one combined file or from the lin file plus torchvision's AlexNet file."""
-    state_dict = {k: v for path in paths for k, v in read_weights(path, LPIPS_SOURCE).items()}
+    state_dict = {k: v for path in paths for k, v in load_state_dict_file(path, LPIPS_SOURCE).items()}
     return lpips_from_state_dict(state_dict, " + ".join(paths)).to(device)
 
 
@@ -443,15 +436,12 @@ def save_statistics(path, stats):
 
 
 def load_statistics(path):
-    with np.load(path) as f:
-        return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
-
-
-def is_statistics_file(path):
+    """The statistics in an .npz written by save_statistics (`ref-stats`); None for any other file."""
     if not (os.path.isfile(path) and str(path).endswith(".npz")):
-        return False
+        return None
     with np.load(path) as f:
-        return "mu" in f and "sigma" in f
+        if "mu" in f:
+            return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
 
 
 def fid_by_superclass(sample_stats, reference_stats):
@@ -472,11 +462,6 @@ def image_set_statistics(path, inception, kind=None, split=None, image_size=256,
     labels = image_set["superclass_labels"]
     return set_statistics(torch.cat(features).numpy(), None if labels is None else labels[np.concatenate(rows)],
                           image_set["superclass_names"])
-
-
-def reference_statistics(ref, inception, **options):
-    """Reference statistics from a stats .npz (written by `ref-stats`), or computed from an image set."""
-    return load_statistics(ref) if is_statistics_file(ref) else image_set_statistics(ref, inception, **options)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -594,10 +579,19 @@ def superclass_colors(count):
             for i in range(count)]
 
 
-def star(center, radius):
-    """The 10 vertices of a five-pointed star."""
-    return [(center[0] + r * math.sin(k * math.pi / 5), center[1] - r * math.cos(k * math.pi / 5))
-            for k, r in enumerate([radius, radius * 0.4] * 5)]
+def draw_marker(draw, center, kind, size, color):
+    """Figure 7's markers: "dot" (a fine class), "star" (a superclass's mean), "cross" (a superclass row)."""
+    x, y = center
+    if kind == "dot":
+        draw.ellipse([x - size, y - size, x + size, y + size], fill=color)
+    elif kind == "star":
+        radii = [size, 0.4 * size] * 5  # five points, five notches
+        corners = [(x + r * math.sin(k * math.pi / 5), y - r * math.cos(k * math.pi / 5)) for k, r in enumerate(radii)]
+        draw.polygon(corners, fill=color, outline="black")
+    else:
+        for width, fill in ((7, "black"), (3, color)):  # a black-edged "+"
+            draw.line([x - size, y, x + size, y], fill=fill, width=width)
+            draw.line([x, y - size, x, y + size], fill=fill, width=width)
 
 
 def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclass_names, path, size=(1400, 1000),
@@ -616,30 +610,22 @@ def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclas
     draw = ImageDraw.Draw(image)
     draw.text((margin, margin // 2), title, fill="black", font=font)
     r = max(1.5, min(5.0, 150 / math.sqrt(len(fine_xy))))  # dots shrink as classes grow in number
-    for (x, y), s in zip(to_pixels(fine_xy), class_to_superclass):
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colors[s])
-    marker = 4 * r + 4
-    for s, (center, cross) in enumerate(zip(to_pixels(mean_xy), to_pixels(superclass_xy))):
-        draw.polygon(star(center, marker), fill=colors[s], outline="black")
-        for w, fill in ((7, "black"), (3, colors[s])):  # a black-edged "+"
-            draw.line([cross[0] - marker, cross[1], cross[0] + marker, cross[1]], fill=fill, width=w)
-            draw.line([cross[0], cross[1] - marker, cross[0], cross[1] + marker], fill=fill, width=w)
+    for center, s in zip(to_pixels(fine_xy), class_to_superclass):
+        draw_marker(draw, center, "dot", r, colors[s])
+    for s, (mean, row) in enumerate(zip(to_pixels(mean_xy), to_pixels(superclass_xy))):
+        draw_marker(draw, mean, "star", 4 * r + 4, colors[s])
+        draw_marker(draw, row, "cross", 4 * r + 4, colors[s])
     # legend: one colour per superclass, then the three markers
     x0, line = width - legend_width + margin // 2, font_px + 8
-    for s, name in enumerate(superclass_names):
-        y = 2 * margin + s * line
-        draw.rectangle([x0, y, x0 + font_px, y + font_px], fill=colors[s])
-        draw.text((x0 + font_px + 8, y), name, fill="black", font=font)
-    y = 2 * margin + (len(superclass_names) + 1) * line
-    c = (x0 + font_px / 2, y + font_px / 2)
-    draw.ellipse([c[0] - 4, c[1] - 4, c[0] + 4, c[1] + 4], fill="gray")
-    draw.polygon(star((c[0], c[1] + line), font_px / 2 + 2), fill="gray", outline="black")
-    draw.line([c[0] - 8, c[1] + 2 * line, c[0] + 8, c[1] + 2 * line], fill="black", width=3)
-    draw.line([c[0], c[1] + 2 * line - 8, c[0], c[1] + 2 * line + 8], fill="black", width=3)
-    for k, label in enumerate(["fine class", "mean of its fine classes", "superclass embedding"]):
-        draw.text((x0 + font_px + 8, y + k * line), label, fill="black", font=font)
+    legend = [(name, "dot", colors[s]) for s, name in enumerate(superclass_names)] + [(None, None, None)]
+    legend += [("fine class", "dot", "gray"), ("mean of its fine classes", "star", "gray"),
+               ("superclass embedding", "cross", "gray")]
+    for k, (label, kind, color) in enumerate(legend):
+        if label:
+            y = 2 * margin + k * line
+            draw_marker(draw, (x0 + font_px / 2, y + font_px / 2), kind, font_px / 2 + 2, color)
+            draw.text((x0 + font_px + 8, y), label, fill="black", font=font)
     image.save(path)
-    return image
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -665,14 +651,10 @@ def results_table(results):
 
 def update_results(path, method, metric, values):
     """Merge one metric of one method into a results JSON (what `table` reads)."""
-    results = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
+    results = json.loads(pathlib.Path(path).read_text()) if os.path.isfile(path) else {}
     results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
     results[metric] = values
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    pathlib.Path(path).write_text(json.dumps(results, indent=2))
 
 
 def main(argv=None):
@@ -732,7 +714,7 @@ def main(argv=None):
         save_statistics(args.out, stats)
         print(f"saved statistics of {', '.join(stats)} to {args.out}")
     elif args.command == "fid":
-        reference = reference_statistics(args.ref, inception, **ref_options)
+        reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
         sample_stats = image_set_statistics(args.samples, inception, **options)
         fids = fid_by_superclass(sample_stats, reference)
         print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
@@ -752,11 +734,7 @@ def main(argv=None):
         if args.results:
             update_results(args.results, args.method, "lpips", values)
     elif args.command == "table":
-        results = []
-        for path in args.results:
-            with open(path) as f:
-                results.append(json.load(f))
-        print(results_table(results))
+        print(results_table([json.loads(pathlib.Path(path).read_text()) for path in args.results]))
     elif args.command == "tsne":
         table, hierarchy = read_label_table(args.checkpoint)
         hierarchy = args.class_map or hierarchy

@@ -385,10 +385,11 @@ def read_safetensors(path):
     return tensors
 
 
-def load_state_dict_file(path):
-    """The contents of a checkpoint file: .safetensors by hand, anything else (.pt/.pth/.bin) by torch.load."""
+def load_state_dict_file(path, where_to_get=""):
+    """The contents of a checkpoint file: .safetensors by hand, anything else (.pt/.pth/.bin) by torch.load.
+    A missing file's error adds `where_to_get`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise FileNotFoundError(f"no checkpoint file at {path}. {where_to_get}".strip())
     if os.fspath(path).endswith(".safetensors"):
         return read_safetensors(path)
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -447,7 +448,8 @@ def read_dit_shape(state_dict):
     shape = dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}), hidden_size=hidden,
                  patch_size=patch, in_channels=in_channels, num_heads=heads_for_width(hidden),
                  mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out == 2 * in_channels,
-                 input_size=int(grid) * patch if grid else None, norm_affine="final_layer.norm_final.weight" in state_dict,
+                 input_size=int(grid) * patch if grid else None,
+                 norm_affine="final_layer.norm_final.weight" in state_dict,
                  table_rows=state_dict[LABEL_TABLE_KEY].shape[0])
     return shape
 
@@ -489,8 +491,8 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
     """
     The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
     width, patch, channels and label table. `input_size` (latent or pixel grid side) defaults to the file's; at another
-    size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout) is split into
-    classes and superclasses by `class_to_superclass`. `name` (a --model) is checked, not used.
+    size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout)
+    is split into classes and superclasses by `class_to_superclass`. `name` (a --model) is checked, not used.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)

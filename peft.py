@@ -194,15 +194,17 @@ METHODS = {
                      trains=lambda name: is_label_row(name) or is_bias(name)),
     "difffit": Method("bitfit + norms + gammas (init 1) on attention/MLP branches of blocks 1..14, every QKV, "
                       "the final layer", 1e-3, adds=add_difffit_gammas,
-                      trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name) or leaf(name) == "gamma"),
+                      trains=lambda name: (is_label_row(name) or is_bias(name) or is_norm(name)
+                                           or leaf(name) == "gamma")),
     "finediffusion": Method("TieredEmbedder (fine + superclass rows) + every bias + LayerNorm scale/offset "
                             "(added, identity)", 1e-4, adds=add_norm_affine, tiered=True,
                             trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name)),
     "lora": Method("rank-r B·A on attention qkv and proj (B = 0) + the label table", 1e-3, adds=add_lora,
                    options=dict(lora_rank=8), trains=lambda name: is_label_row(name) or leaf(name).startswith("lora_")),
     "diffscaler": Method("Affiner (1+a)Wx + s·W_up relu(W_down x) + b_hat + b on qkv, proj, fc1, fc2 and adaLN "
-                         "linears; new rows = the null embedding", 1e-3, adds=add_affiners, options=dict(affiner_rank=64),
-                         label_init="null", trains=lambda name: is_label_row(name) or leaf(name) in AFFINER_PARAMETERS),
+                         "linears; new rows = the null embedding", 1e-3, adds=add_affiners,
+                         options=dict(affiner_rank=64), label_init="null",
+                         trains=lambda name: is_label_row(name) or leaf(name) in AFFINER_PARAMETERS),
 }
 FIXED = ("pos_embed",)  # a fixed function of the grid: no method trains it
 
@@ -335,7 +337,7 @@ class Checkpoint:
 
 
 def is_train_checkpoint(contents):
-    return isinstance(contents, dict) and "method" in contents and "ema" in contents
+    return isinstance(contents, dict) and "method" in contents
 
 
 def save_checkpoint(path, checkpoint):

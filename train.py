@@ -115,7 +115,8 @@ class Log:
     """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl."""
 
     def __init__(self, run_dir, rank):
-        self.files = [open(os.path.join(run_dir, name), "a") for name in ("log.txt", "metrics.jsonl")] if rank == 0 else None
+        names = ("log.txt", "metrics.jsonl")
+        self.files = [open(os.path.join(run_dir, name), "a") for name in names] if rank == 0 else None
 
     def __call__(self, message, **metrics):
         if self.files:
@@ -142,7 +143,9 @@ def load_data(args, device, rank, world_size):
 
 def build_model(args, hierarchy, vae):
     """--ckpt (or a fresh DiT, from scratch) prepared for --method: (model, base config, prepare's options, base)."""
-    channels, input_size = (vae.latent_channels, args.image_size // vae.downsample_factor) if vae else (3, args.image_size)
+    channels, input_size = 3, args.image_size  # pixel space, or the VAE's latents
+    if vae is not None:
+        channels, input_size = vae.latent_channels, args.image_size // vae.downsample_factor
     base = None
     if args.ckpt:
         try:

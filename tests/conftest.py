@@ -49,7 +49,7 @@ def write_safetensors(tensors, path, metadata=None):
     header, offset = ({"__metadata__": metadata} if metadata is not None else {}), 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = dict(dtype=dtype_names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + nbytes])
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)

@@ -42,7 +42,7 @@ def test_table2_reads_a_real_run(toy_runs, capsys):
 def test_benchmark_on_a_tiny_config(capsys):
     bench.main(["--model", "DiT-T/8", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--sample-steps", "2"])
     out = capsys.readouterr().out
-    training = [line.split(" | ")[0][2:] for line in out.split("guided sampling")[0].splitlines() if line.startswith("| ")]
-    sampling = [line.split(" | ")[0][2:] for line in out.split("guided sampling")[1].splitlines() if line.startswith("| ")]
+    training, sampling = ([line.split(" | ")[0][2:] for line in part.splitlines() if line.startswith("| ")]
+                          for part in out.split("guided sampling"))
     assert training[1:] == list(METHODS) and sampling[1:] == ["base"] + [m for m in METHODS if m != "full"]
     assert "| full | " in out and "| 1.00x |" in out

@@ -72,7 +72,8 @@ def test_per_superclass_fid_uses_the_right_subsets(tmp_path):
     sample_stats = E.set_statistics(samples, sample_super, names)
     ref_stats = E.set_statistics(reference, ref_super, names)
     E.save_statistics(tmp_path / "ref.npz", ref_stats)
-    assert E.is_statistics_file(str(tmp_path / "ref.npz"))
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    assert E.load_statistics(str(tmp_path / "images.npz")) is None  # an images .npz is not statistics
     fids = E.fid_by_superclass(sample_stats, E.load_statistics(tmp_path / "ref.npz"))
     assert list(fids) == ["overall", "Plants", "Birds"]
     expected = {"overall": (samples, reference)}

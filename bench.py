@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from diffusion import create_diffusion, sample_ddpm
+from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
 from model import DIT_CONFIGS, AutoencoderKL, DiT
 from peft import METHODS, merge, parameter_table, prepare
 from train import autocast_forward
@@ -35,13 +35,19 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method, after 3 warm-up steps")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="methods to time ('': none)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA")
     p.add_argument("--sample-steps", type=int, default=10, help="timed guided sampling steps (0: skip)")
+    p.add_argument("--samplers", default=",".join(SAMPLER_STEPS),
+                   help="samplers to compare at their usual step counts on a FineDiffusion model ('': none)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--table", action="store_true", help="print Table 2 (parameters, throughput of --runs) instead")
     p.add_argument("--runs", nargs="*", default=[], help="train.py run folders whose metrics.jsonl --table reads")
     return p.parse_args(argv)
+
+
+def methods(args):
+    return [m for m in args.methods.split(",") if m]
 
 
 def dit_config(args):
@@ -64,8 +70,9 @@ def forward_flops(args):
     return 2 * L * T * (12 * D * D + 2 * T * D)
 
 
-def timed(fn, steps, device):
-    for _ in range(3):
+def timed(fn, steps, device, warmup=3):
+    """Seconds per call of fn, after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -110,7 +117,7 @@ def sampling_throughput(args, device):
     """Images/s of guided DDPM steps: the base DiT and every method's merged model run at the same speed."""
     diffusion = create_diffusion(str(args.sample_steps))
     results = {}
-    for method in ["base"] + [m for m in args.methods.split(",") if m != "full"]:
+    for method in ["base"] + [m for m in methods(args) if m != "full"]:
         torch.manual_seed(0)
         model = (DiT(**dit_config(args)).to(device) if method == "base" else merge(build(args, method, device))).eval()
         n = args.batch_size
@@ -121,6 +128,30 @@ def sampling_throughput(args, device):
             seconds = timed(lambda: sample_ddpm(model_fn, z.repeat(copies, 1, 1, 1), diffusion, progress=False),
                             1, device)
         results[method] = n * args.sample_steps / seconds  # image-steps per second
+    return results
+
+
+def sampler_comparison(args, device):
+    """Guided sampling of one batch by each sampler at its usual budget (DDPM 250, DDIM 50, DPM-Solver++ 20 model
+    calls) -> {sampler: (model calls, seconds)}. Every call is one forward pass of the doubled batch."""
+    torch.manual_seed(0)
+    model = merge(build(args, "finediffusion", device)).eval()
+    z = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+    model_fn, copies = model.guided(torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device), "fine", 4.0)
+    calls, results = [], {}
+
+    def counted(x, t):
+        calls.append(1)
+        return model_fn(x, t)
+
+    t = torch.full((copies * args.batch_size,), 500, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        timed(lambda: model_fn(z.repeat(copies, 1, 1, 1), t), 1, device)  # warm-up: kernels, allocator
+        for name in [s for s in args.samplers.split(",") if s]:
+            calls.clear()
+            seconds = timed(lambda: run_sampler(name, counted, z.repeat(copies, 1, 1, 1), progress=False), 1, device,
+                            warmup=0)
+            results[name] = (len(calls), seconds)
     return results
 
 
@@ -168,7 +199,7 @@ def main(argv=None):
           f"{name}, torch {torch.__version__}")
     context = multiprocessing.get_context("spawn")
     rows = {}
-    for method in args.methods.split(","):
+    for method in methods(args):
         queue = context.Queue()
         worker = context.Process(target=train_step_worker, args=(args, method, queue))
         worker.start()
@@ -176,9 +207,10 @@ def main(argv=None):
         if worker.exitcode != 0:
             raise SystemExit(f"the {method} benchmark failed (exit code {worker.exitcode}): its error is above")
         rows[method] = queue.get()
-    full = rows.get("full", next(iter(rows.values())))
-    print("\n| method | images/s | vs full | peak memory (GiB) | vs full |" + (" MFU |" if device.type == "cuda" else "")
-          + "\n|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
+    full = rows.get("full", next(iter(rows.values()), None))
+    if rows:
+        print("\n| method | images/s | vs full | peak memory (GiB) | vs full |" + (" MFU |" if device.type == "cuda" else "")
+              + "\n|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
     for method, (seconds, peak) in rows.items():
         line = (f"| {method} | {args.batch_size / seconds:.1f} | {full[0] / seconds:.2f}x | {peak:.2f} | "
                 f"{peak / full[1]:.2f}x |")
@@ -192,6 +224,13 @@ def main(argv=None):
         print("| model | image-steps/s | vs base |\n|---|---:|---:|")
         for method, rate in results.items():
             print(f"| {method} | {rate:.1f} | {rate / results['base']:.2f}x |")
+    if args.samplers:
+        results = sampler_comparison(args, device)
+        first = next(iter(results.values()))
+        print(f"\nsamplers (FineDiffusion, guidance scale 4, batch {args.batch_size}, at their usual step counts):")
+        print("| sampler | model calls | seconds | images/s | vs " + next(iter(results)) + " |\n|---|---:|---:|---:|---:|")
+        for name, (calls, seconds) in results.items():
+            print(f"| {name} | {calls} | {seconds:.2f} | {args.batch_size / seconds:.2f} | {first[1] / seconds:.1f}x |")
 
 
 if __name__ == "__main__":

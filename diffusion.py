@@ -252,3 +252,21 @@ def sample_dpm_solver(model, x, diffusion, model_kwargs=None, progress=True, ste
         x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         x0_prev = x0
     return x
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The samplers by name, as the command lines offer them, with their usual step counts
+
+SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20}  # DiT's and FineDiffusion's 250; the usual 50 and 20
+
+
+def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
+    """
+    x_T -> x_0 by sampler `name` in `steps` model calls (default SAMPLER_STEPS[name]): DDPM on `steps` evenly
+    respaced timesteps, DDIM on the "ddim{steps}" stride, DPM-Solver++ on the full chain at diffusers' timesteps.
+    """
+    steps = steps or SAMPLER_STEPS[name]
+    if name == "dpm++":
+        return sample_dpm_solver(model, x, create_diffusion(""), model_kwargs, progress, steps=steps)
+    sampler, spacing = (sample_ddim, f"ddim{steps}") if name == "ddim" else (sample_ddpm, str(steps))
+    return sampler(model, x, create_diffusion(spacing), model_kwargs, progress)

@@ -21,26 +21,29 @@ from tqdm import tqdm
 
 import peft
 from data import Hierarchy
-from diffusion import create_diffusion, sample_ddim, sample_ddpm
+from diffusion import SAMPLER_STEPS, run_sampler
 from model import load_vae
 from train import setup_distributed
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--class", dest="cls", default=None, help="class id or name (scientific or common)")
+    p.add_argument("--class", dest="cls", default=None,
+                   help="class id or name (scientific or common); 'all': a grid with one row per class")
     p.add_argument("--ckpt", default=None, help="default: the newest checkpoint under results/")
     p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
-    p.add_argument("--n", type=int, default=8, help="images of --class")
+    p.add_argument("--n", type=int, default=8, help="images of --class (per class with --class all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--guidance", default=None, choices=["fine", "cfg", "none"],
                    help="fine: superclass guidance (default for tiered models); cfg: the null label")
     p.add_argument("--official-three-channels", action="store_true", help="guide eps channels 0..2 only, as DiT")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLER_STEPS),
+                   help="ddpm: the paper's; ddim: deterministic; dpm++: DPM-Solver++(2M), as diffusers' DiTPipeline")
+    p.add_argument("--num-sampling-steps", type=int, default=None,
+                   help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
     p.add_argument("--num-samples", type=int, default=0, help="bulk: this many images over all classes")
     p.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
     p.add_argument("--out", default=None, help="the grid PNG, or the folder of a bulk run")
@@ -93,23 +96,21 @@ def resolve_class(model, hierarchy, cls):
 def generate(model, vae, labels, args, guidance, progress=True):
     """(N,) fine labels -> (N, H, W, 3) uint8 images, guided towards the parent (fine) or null (cfg) label."""
     z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=labels.device)
-    diffusion = create_diffusion(f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else
-                                 str(args.num_sampling_steps))
-    sampler = sample_ddim if args.sampler == "ddim" else sample_ddpm
     try:
         model_fn, copies = model.guided(labels, guidance, args.cfg_scale, 3 if args.official_three_channels else None)
     except ValueError as e:
         raise SystemExit(f"--guidance {guidance}: {e}")
-    x = sampler(model_fn, z.repeat(copies, 1, 1, 1), diffusion, progress=progress)[: len(labels)]
+    x = run_sampler(args.sampler, model_fn, z.repeat(copies, 1, 1, 1), args.num_sampling_steps,
+                    progress=progress)[: len(labels)]
     if vae is not None:
         x = vae.decode(x / vae.scaling_factor)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path):
-    """(N, H, W, 3) uint8 -> one PNG, as square a grid as N allows."""
+def save_grid(images, path, cols=None):
+    """(N, H, W, 3) uint8 -> one PNG of `cols` columns (default: as square a grid as N allows)."""
     n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
     for i, image in enumerate(images):
@@ -160,15 +161,20 @@ def main(args):
         sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
     else:
         if args.cls is None:
-            raise SystemExit("give --class (an id or a name), or --num-samples for a bulk run")
-        cls = resolve_class(model, hierarchy, args.cls)
+            raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
+        if args.cls == "all":  # one row per class
+            classes, name, stem = torch.arange(model.y_embedder.num_classes), "every class", "all"
+        else:
+            cls = resolve_class(model, hierarchy, args.cls)
+            classes, stem = torch.tensor([cls]), f"{cls:05d}"
+            name = hierarchy.class_names[cls] if hierarchy is not None else f"class {cls}"
         torch.manual_seed(args.seed)
-        images = generate(model, vae, torch.full((args.n,), cls, device=device), args, guidance)
-        name = hierarchy.class_names[cls] if hierarchy is not None else f"class {cls}"
-        args.out = args.out or f"samples/{cls:05d}-{guidance}.png"
-        save_grid(images, args.out)
+        images = generate(model, vae, classes.repeat_interleave(args.n).to(device), args, guidance)
+        args.out = args.out or f"samples/{stem}-{guidance}.png"
+        save_grid(images, args.out, cols=args.n if len(classes) > 1 else None)
         how = "no guidance" if guidance == "none" else f"{guidance} guidance, scale {args.cfg_scale}"
-        print(f"{args.n} images of {name} ({how}) -> {args.out}")
+        steps = args.num_sampling_steps or SAMPLER_STEPS[args.sampler]
+        print(f"{args.n} images of {name} ({how}, {args.sampler} {steps} steps) -> {args.out}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 import bench
+from diffusion import SAMPLER_STEPS
 from peft import METHODS
 
 
@@ -41,8 +42,8 @@ def test_table2_reads_a_real_run(toy_runs, capsys):
 
 def test_benchmark_on_a_tiny_config(capsys):
     bench.main(["--model", "DiT-T/8", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--sample-steps", "2"])
-    out = capsys.readouterr().out
-    training, sampling = ([line.split(" | ")[0][2:] for line in part.splitlines() if line.startswith("| ")]
-                          for part in out.split("guided sampling"))
-    assert training[1:] == list(METHODS) and sampling[1:] == ["base"] + [m for m in METHODS if m != "full"]
-    assert "| full | " in out and "| 1.00x |" in out
+    training, sampling, samplers = ([line.split(" | ")[:2] for line in part.splitlines() if line.startswith("| ")][1:]
+                                    for part in capsys.readouterr().out.split("\n\n")[1:])
+    assert [row[0][2:] for row in training] == list(METHODS)
+    assert [row[0][2:] for row in sampling] == ["base"] + [m for m in METHODS if m != "full"]
+    assert {row[0][2:]: int(row[1]) for row in samplers} == SAMPLER_STEPS  # model calls of each sampler

@@ -95,17 +95,29 @@ def test_official_checkpoints_load_for_sampling(official_files):
         sample.load_model(sample.parse_args(["--ckpt", str(root / "finediffusion.pt")]))
 
 
-def test_guidance_scale_one_is_the_conditional_model(official_files, tmp_path):
-    """Eq. 1 at w = 1 is eps(x_t | c) itself: with deterministic DDIM the images equal unguided ones (up to rounding
-    to uint8); at w = 4 the superclass pushes them away."""
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_guidance_scale_one_is_the_conditional_model(official_files, tmp_path, sampler):
+    """Eq. 1 at w = 1 is eps(x_t | c) itself: with a deterministic sampler the images equal unguided ones (up to
+    rounding to uint8); at w = 4 the superclass pushes them away."""
     ckpt = str(official_files["root"] / "finediffusion.pt")
-    common = ("--class", "3", "--seed", "1", "--sampler", "ddim", "--vae", official_files["vae"],
+    common = ("--class", "3", "--seed", "1", "--sampler", sampler, "--vae", official_files["vae"],
               "--hierarchy", str(official_files["root"] / "classes.json"))
     unguided = run(ckpt, tmp_path, *common, "--guidance", "none")
     at_one = run(ckpt, tmp_path, *common, "--guidance", "fine", "--cfg-scale", "1")
     at_four = run(ckpt, tmp_path, *common, "--guidance", "fine", "--cfg-scale", "4")
     assert np.abs(at_one - unguided).max() <= 1
     assert np.abs(at_four - unguided).max() > 8
+
+
+def test_every_class_in_one_grid(official_files, tmp_path):
+    """--class all: a row per class, --n columns; row c is what --class c draws from the same noise."""
+    common = ("--seed", "2", "--sampler", "dpm++", "--vae", official_files["vae"],
+              "--hierarchy", str(official_files["root"] / "classes.json"))
+    ckpt = str(official_files["root"] / "finediffusion.pt")
+    grid = run(ckpt, tmp_path, "--class", "all", *common)
+    assert grid.shape == (2 + 5 * (16 + 2), 2 + 4 * (16 + 2), 3)  # 5 classes x 4 images of 16 px
+    first = run(ckpt, tmp_path, "--class", "0", *common)
+    assert np.abs(grid[2:2 + 16, 2:2 + 16] - first[2:2 + 16, 2:2 + 16]).max() <= 1
 
 
 def test_official_three_channels_from_the_command_line(official_files, tmp_path):
@@ -126,7 +138,7 @@ def test_bulk_sampling_on_two_processes(toy_runs, tmp_path):
     out = tmp_path / "bulk"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "sample.py", "--ckpt", toy_runs["checkpoint"], "--num-samples", "13", "--batch-size", "4",
-                             "--num-sampling-steps", "3", "--out", str(out)],
+                             "--sampler", "dpm++", "--num-sampling-steps", "3", "--out", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     hierarchy = read_checkpoint(toy_runs["checkpoint"]).hierarchy

@@ -10,7 +10,6 @@ utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each m
 `--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
 runs read from their metrics.jsonl (`--runs results/*`).
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -20,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from data import NON_NEGATIVE, POSITIVE, Parser, number
 from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
 from model import DIT_CONFIGS, AutoencoderKL, DiT
 from peft import METHODS, merge, parameter_table, prepare
@@ -27,35 +27,50 @@ from train import autocast_forward
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
 PARENTS = [c % NUM_SUPERCLASSES for c in range(NUM_CLASSES)]  # the split does not change counts or speed
+with torch.device("meta"):
+    SD_VAE = AutoencoderKL()  # only its geometry: 4 latent channels, 1/8 of the image size
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS))
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method, after 3 warm-up steps")
+    p = Parser(description=__doc__)
+    p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS), help="the DiT to time")
+    p.add_argument("--image-size", type=POSITIVE, default=256, help="pixels (the DiT sees the SD VAE's latents)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per step")
+    p.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per method, after 3 warm-up steps")
     p.add_argument("--methods", default=",".join(METHODS), help="methods to time ('': none)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA")
-    p.add_argument("--sample-steps", type=int, default=10, help="timed guided sampling steps (0: skip)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA")
+    p.add_argument("--sample-steps", type=NON_NEGATIVE, default=10, help="timed guided DDPM steps (0: skip)")
     p.add_argument("--samplers", default=",".join(SAMPLER_STEPS),
                    help="samplers to compare at their usual step counts on a FineDiffusion model ('': none)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--peak-tflops", type=number(float, 0.0, low_open=True), default=989.0,
+                   help="the GPU's dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--table", action="store_true", help="print Table 2 (parameters, throughput of --runs) instead")
     p.add_argument("--runs", nargs="*", default=[], help="train.py run folders whose metrics.jsonl --table reads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = {"--methods": set(methods(args)) - set(METHODS), "--samplers": set(samplers(args)) - set(SAMPLER_STEPS)}
+    for flag, names in unknown.items():
+        if names:
+            p.error(f"argument {flag}: unknown {sorted(names)}")
+    if args.sample_steps == 1:
+        p.error("argument --sample-steps: DDPM takes at least 2 steps")
+    multiple = SD_VAE.downsample_factor * DIT_CONFIGS[args.model]["patch_size"]  # whole latents, whole patches
+    if args.image_size % multiple:
+        p.error(f"argument --image-size: {args.model} in the SD VAE's latent space needs a multiple of {multiple}")
+    return args
 
 
 def methods(args):
     return [m for m in args.methods.split(",") if m]
 
 
+def samplers(args):
+    return [s for s in args.samplers.split(",") if s]
+
+
 def dit_config(args):
-    """The DiT of --model in the SD VAE's latent space at --image-size (4 channels, 1/8 of the size)."""
-    with torch.device("meta"):
-        vae = AutoencoderKL()
-    return dict(DIT_CONFIGS[args.model], input_size=args.image_size // vae.downsample_factor,
-                in_channels=vae.latent_channels)
+    """The DiT of --model in the SD VAE's latent space at --image-size."""
+    return dict(DIT_CONFIGS[args.model], input_size=args.image_size // SD_VAE.downsample_factor,
+                in_channels=SD_VAE.latent_channels)
 
 
 def build(args, method, device):
@@ -147,7 +162,7 @@ def sampler_comparison(args, device):
     t = torch.full((copies * args.batch_size,), 500, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         timed(lambda: model_fn(z.repeat(copies, 1, 1, 1), t), 1, device)  # warm-up: kernels, allocator
-        for name in [s for s in args.samplers.split(",") if s]:
+        for name in samplers(args):
             calls.clear()
             seconds = timed(lambda: run_sampler(name, counted, z.repeat(copies, 1, 1, 1), progress=False), 1, device,
                             warmup=0)
@@ -224,7 +239,7 @@ def main(argv=None):
         print("| model | image-steps/s | vs base |\n|---|---:|---:|")
         for method, rate in results.items():
             print(f"| {method} | {rate:.1f} | {rate / results['base']:.2f}x |")
-    if args.samplers:
+    if samplers(args):
         results = sampler_comparison(args, device)
         first = next(iter(results.values()))
         print(f"\nsamplers (FineDiffusion, guidance scale 4, batch {args.batch_size}, at their usual step counts):")

@@ -21,8 +21,10 @@ once with the VAE into a memory-mapped .npy of posterior moments; training then 
 import argparse
 import colorsys
 import difflib
+import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -39,6 +41,51 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INAT_SOURCE = "get iNaturalist 2021 from https://github.com/visipedia/inat_comp/tree/master/2021"
 VEGFRU_SOURCE = "get VegFru from https://github.com/ustc-vim/vegfru"
+
+# -----------------------------------------------------------------------------------------------------------
+# The command-line convention of every script (train, sample, evaluate, bench and this one): --help shows each
+# flag's default; a bad argument is answered with one line on stderr and exit code 2, before any work.
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def number(kind=int, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` in [low, high] (low excluded when low_open), the range in its message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            valid = " and ".join(([f"{'>' if low_open else '>='} {low}"] if low is not None else [])
+                                 + ([f"<= {high}"] if high is not None else [])) or "finite"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {valid}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = number(int, 1), number(int, 0), number(float, 0.0, 1.0)
+
+
+def read_json(path):
+    """A JSON file a user gave; a file that does not parse is a ValueError that names it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+
 
 # -----------------------------------------------------------------------------------------------------------
 # The label hierarchy: fine class names, superclass names, the fine -> superclass map, and name lookup.
@@ -89,8 +136,9 @@ class Hierarchy:
     @classmethod
     def from_json(cls, path):
         """Our own JSON, or an iNat 2021 annotation file (train_mini.json, val.json: its `categories`)."""
-        with open(path) as f:
-            d = json.load(f)
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds no class hierarchy: expected a JSON object")
         return inat_hierarchy(d["categories"]) if "categories" in d else cls.from_dict(d)
 
     def lookup(self, query):
@@ -442,29 +490,34 @@ def draw_toy_image(superclass, variant, rng, size):
 
 
 def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
-    """Write the toy set under root (once: a manifest records the settings; different settings regenerate it)."""
-    manifest_path = os.path.join(root, "toy.json")
-    manifest = dict(version=TOY_VERSION, seed=seed, image_size=image_size, images_per_class=images_per_class)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            if json.load(f) == manifest:
-                return root
-        os.remove(manifest_path)
-        for split in TOY_SPLITS:
-            shutil.rmtree(os.path.join(root, split), ignore_errors=True)
-    elif any(os.path.exists(os.path.join(root, split)) for split in TOY_SPLITS):
-        raise FileExistsError(f"{root} holds a source/ or target/ folder that the toy generator did not write "
-                              f"(no toy.json): give the toy set another path")
+    """
+    The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version>, holding source/ and
+    target/. Made once, side by side with those of other settings, and never deleted: it is drawn into a
+    temporary folder of this process and renamed into place when complete, so a kill mid-way leaves nothing a later
+    run would read (the temporary is removed by the next generation), and two processes generating at once both
+    end up reading the one that was renamed first.
+    """
+    folder = os.path.join(root, f"{image_size}px-seed{seed}-n{images_per_class}-v{TOY_VERSION}")
+    if os.path.isdir(folder):
+        return folder
+    os.makedirs(root, exist_ok=True)
+    for stale in glob.glob(os.path.join(root, ".*.tmp")):  # interrupted generations: pid no longer running
+        pid = stale.rsplit(".", 2)[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = os.path.join(root, f".{os.path.basename(folder)}.{os.getpid()}.tmp")
     for split, classes in TOY_SPLITS.items():
         for s, v in tqdm(classes, desc=f"toy {split}", leave=False):
-            folder = os.path.join(root, split, TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}")
-            os.makedirs(folder, exist_ok=True)
+            class_folder = os.path.join(tmp, split, TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}")
+            os.makedirs(class_folder, exist_ok=True)
             for n in range(images_per_class):
                 rng = np.random.default_rng([seed, s, v, n])  # one stream per image: any image regenerates alone
-                draw_toy_image(s, v, rng, image_size).save(os.path.join(folder, f"{n:04d}.png"))
-    with open(manifest_path, "w") as f:  # written last: an interrupted generation starts over
-        json.dump(manifest, f)
-    return root
+                draw_toy_image(s, v, rng, image_size).save(os.path.join(class_folder, f"{n:04d}.png"))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process renamed its copy first: the same pixels, ours goes
+        shutil.rmtree(tmp)
+    return folder
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -489,7 +542,8 @@ def load_dataset(kind, path, image_size, split=None, hflip=True):
             make_toy_dataset(path, image_size=image_size)
         if distributed():  # the other ranks wait for rank 0's files
             dist.barrier()
-        return load_folder(os.path.join(path, split), image_size, hflip)
+        folder = make_toy_dataset(path, image_size=image_size)  # made by now: this only finds it
+        return load_folder(os.path.join(folder, split), image_size, hflip)
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(f"--data {kind}: the data path {path!r} is not a folder; " + dict(
             inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
@@ -669,18 +723,21 @@ class LatentDataset(Dataset):
 # Command line: summarize a dataset, optionally read every image to find bad ones, save its class hierarchy.
 
 
-def main():
-    p = argparse.ArgumentParser(description="Summarize a dataset and its class hierarchy; find unreadable images.")
-    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"])
+def main(argv=None):
+    p = Parser(description=__doc__)
+    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
     p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it, default cache/toy)")
     p.add_argument("--split", default=None, help="inat: train_mini/train/val; vegfru: train/val/test/trainval; "
                                                   "toy: source/target")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
     p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=4, help="image decoding workers")
     p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
-    args = p.parse_args()
-    dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)
+    args = p.parse_args(argv)
+    try:
+        dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
     counts = np.bincount(np.asarray(hierarchy.class_to_superclass)[dataset.labels],
                          minlength=len(hierarchy.superclass_names))
     print(f"{len(dataset.files):,} images of {len(hierarchy.class_names):,} classes in "

@@ -260,6 +260,18 @@ def sample_dpm_solver(model, x, diffusion, model_kwargs=None, progress=True, ste
 SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20}  # DiT's and FineDiffusion's 250; the usual 50 and 20
 
 
+STEP_RANGES = {"ddpm": (2, 1000), "ddim": (2, 1000), "dpm++": (1, 999)}  # what each can do on 1000 steps
+
+
+def check_steps(name, steps):
+    """A ValueError that says the valid range, unless sampler `name` can take `steps` model calls."""
+    low, high = STEP_RANGES[name]
+    if not low <= steps <= high:
+        raise ValueError(f"{name} takes {low} to {high} steps, not {steps}")
+    if name == "ddim":
+        space_timesteps(1000, f"ddim{steps}")  # the counts no integer stride gives raise
+
+
 def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
     """
     x_T -> x_0 by sampler `name` in `steps` model calls (default SAMPLER_STEPS[name]): DDPM on `steps` evenly

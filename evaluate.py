@@ -15,7 +15,6 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
     python evaluate.py table r.json                       # Table 1 as markdown
     python evaluate.py tsne --checkpoint ckpt.pt --out figure7.png
 """
-import argparse
 import colorsys
 import json
 import math
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import load_dataset, read_images, to_tensor
+from data import NON_NEGATIVE, POSITIVE, Parser, load_dataset, number, read_images, read_json, to_tensor
 from model import check_state_dict, load_state_dict_file
 from peft import read_label_table
 
@@ -334,15 +333,10 @@ def feature_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def psd_sqrt(matrix):
-    """The symmetric square root of a covariance; round-off negative eigenvalues are clipped to 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    root1 = psd_sqrt(sigma1)
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1)  # S1^(1/2); round-off negative eigenvalues clipped to 0
+    root1 = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
     middle = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
     diff = mu1 - mu2
@@ -359,8 +353,7 @@ def read_class_map(class_map):
     """A list of superclass ids or names, a JSON file of one, or a hierarchy {"class_to_superclass": [...],
     "superclass_names": [...]} (as checkpoints store it) -> (class_to_superclass (C,) int array, names or None)."""
     if isinstance(class_map, (str, os.PathLike)):
-        with open(class_map) as f:
-            class_map = json.load(f)
+        class_map = read_json(class_map)
     names = None
     if isinstance(class_map, dict):
         class_map, names = class_map["class_to_superclass"], class_map.get("superclass_names")
@@ -651,107 +644,114 @@ def results_table(results):
 
 def update_results(path, method, metric, values):
     """Merge one metric of one method into a results JSON (what `table` reads)."""
-    results = json.loads(pathlib.Path(path).read_text()) if os.path.isfile(path) else {}
+    results = read_json(path) if os.path.isfile(path) else {}
     results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
     results[metric] = values
     pathlib.Path(path).write_text(json.dumps(results, indent=2))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = Parser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def add_common(p, inception=True):
-        p.add_argument("--device", default=device)
-        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--device", default=device, help="where the networks run")
+        p.add_argument("--batch-size", type=POSITIVE, default=50, help="images per forward pass")
         p.add_argument("--class-map", default=None, help="fine -> superclass JSON, if the .npz does not hold it")
         if inception:
-            p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth")
-            p.add_argument("--image-size", type=int, default=256, help="centre-crop size of data set images")
-            p.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
-            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref's data.py kind "
-                           "(default: folder for a folder, else an .npz)")
-            p.add_argument("--ref-split", help="split of --ref-data, e.g. val (default: data.py's)")
+            p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
+            p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
+            p.add_argument("--num-workers", type=NON_NEGATIVE, default=4, help="image decoding workers")
+            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref's kind (none: guessed)")
+            p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
 
-    p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, cached to an .npz")
+    p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, saved to an .npz")
     p.add_argument("--ref", required=True, help="data set root (see --ref-data) or an images .npz")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the statistics .npz to write")
     add_common(p)
     p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats), images .npz or data set root")
     add_common(p)
     p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
-    p.add_argument("--samples", required=True)
+    p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--lpips-weights", nargs="+", required=True, help="alex.pth + alexnet-owt-7be5be79.pth, or one file")
-    p.add_argument("--pairs-per-class", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs-per-class", type=POSITIVE, default=10, help="random pairs of samples per class")
+    p.add_argument("--seed", type=int, default=0, help="which pairs")
     add_common(p, inception=False)
     for p in commands.choices["fid"], commands.choices["lpips"]:
         p.add_argument("--method", default=None, help="row name in Table 1")
         p.add_argument("--results", default=None, help="JSON to merge the numbers into (read by `table`)")
     p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
-    p.add_argument("results", nargs="+")
+    p.add_argument("results", nargs="+", help="JSON files of fid / lpips --results")
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--class-map", default=None, help="hierarchy JSON; default: the checkpoint's own")
-    p.add_argument("--out", default="figure7.png")
-    p.add_argument("--perplexity", type=float, default=30.0)
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"))
-    p.add_argument("--device", default=device)
-    args = parser.parse_args(argv)
+    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint or an official FineDiffusion one")
+    p.add_argument("--class-map", default=None, help="hierarchy JSON (none: the checkpoint's own)")
+    p.add_argument("--out", default="figure7.png", help="the PNG to write")
+    p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
+    p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE's starting positions")
+    p.add_argument("--size", type=POSITIVE, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
+                   help="of the figure, in pixels")
+    p.add_argument("--device", default=device, help="where t-SNE runs")
+    return parser.parse_args(argv)
 
-    if args.command in ("ref-stats", "fid"):
-        inception = load_inception(args.inception, args.device)
-        options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
-                       num_workers=args.num_workers, device=args.device)
-        ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
-    if args.command == "ref-stats":
-        stats = image_set_statistics(args.ref, inception, **ref_options)
-        save_statistics(args.out, stats)
-        print(f"saved statistics of {', '.join(stats)} to {args.out}")
-    elif args.command == "fid":
-        reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
-        sample_stats = image_set_statistics(args.samples, inception, **options)
-        fids = fid_by_superclass(sample_stats, reference)
-        print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
-        if set(sample_stats) - set(fids):
-            print(f"no reference images for {sorted(set(sample_stats) - set(fids))} (reference has {list(reference)})")
-        if args.results:
-            update_results(args.results, args.method, "fid", fids)
-    elif args.command == "lpips":
-        lpips = load_lpips(args.lpips_weights, args.device)
-        samples = read_image_npz(args.samples, args.class_map)
-        if samples["labels"] is None:
-            raise ValueError(f"{args.samples} has no `labels`: LPIPS diversity pairs samples of the same class")
-        values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
-                                 samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
-                                 args.device)
-        print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
-        if args.results:
-            update_results(args.results, args.method, "lpips", values)
-    elif args.command == "table":
-        print(results_table([json.loads(pathlib.Path(path).read_text()) for path in args.results]))
-    elif args.command == "tsne":
-        table, hierarchy = read_label_table(args.checkpoint)
-        hierarchy = args.class_map or hierarchy
-        if hierarchy is None:
-            raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
-        class_to_superclass, names = read_class_map(hierarchy)
-        num_superclasses = int(class_to_superclass.max()) + 1
-        names = names or [f"superclass {s}" for s in range(num_superclasses)]
-        if table.shape[0] < len(class_to_superclass) + num_superclasses:
-            raise ValueError(f"the label table has {table.shape[0]} rows; the class map needs "
-                             f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows")
-        fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
-                                                       perplexity=args.perplexity, iterations=args.iterations,
-                                                       seed=args.seed, device=args.device)
-        draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, args.out, tuple(args.size),
-                     title=f"t-SNE of label embeddings: {os.path.basename(args.checkpoint)}")
-        print(f"saved {args.out}")
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+
+        if args.command in ("ref-stats", "fid"):
+            inception = load_inception(args.inception, args.device)
+            options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
+                           num_workers=args.num_workers, device=args.device)
+            ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
+        if args.command == "ref-stats":
+            stats = image_set_statistics(args.ref, inception, **ref_options)
+            save_statistics(args.out, stats)
+            print(f"saved statistics of {', '.join(stats)} to {args.out}")
+        elif args.command == "fid":
+            reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
+            sample_stats = image_set_statistics(args.samples, inception, **options)
+            fids = fid_by_superclass(sample_stats, reference)
+            print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
+            if set(sample_stats) - set(fids):
+                missing = sorted(set(sample_stats) - set(fids))
+                print(f"no reference images for {missing} (the reference has {list(reference)})")
+            if args.results:
+                update_results(args.results, args.method, "fid", fids)
+        elif args.command == "lpips":
+            lpips = load_lpips(args.lpips_weights, args.device)
+            samples = read_image_npz(args.samples, args.class_map)
+            if samples["labels"] is None:
+                raise ValueError(f"{args.samples} has no `labels`: LPIPS diversity pairs samples of the same class")
+            values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
+                                     samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
+                                     args.device)
+            print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
+            if args.results:
+                update_results(args.results, args.method, "lpips", values)
+        elif args.command == "table":
+            print(results_table([read_json(path) for path in args.results]))
+        elif args.command == "tsne":
+            table, hierarchy = read_label_table(args.checkpoint)
+            if (args.class_map or hierarchy) is None:
+                raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
+            class_to_superclass, names = read_class_map(args.class_map or hierarchy)
+            num_superclasses = int(class_to_superclass.max()) + 1
+            names = names or [f"superclass {s}" for s in range(num_superclasses)]
+            if table.shape[0] < len(class_to_superclass) + num_superclasses:
+                raise ValueError(f"the label table has {table.shape[0]} rows; the class map needs "
+                                 f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows")
+            fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
+                                                           perplexity=args.perplexity, iterations=args.iterations,
+                                                           seed=args.seed, device=args.device)
+            draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, args.out, tuple(args.size),
+                         title=f"t-SNE of label embeddings: {os.path.basename(args.checkpoint)}")
+            print(f"saved {args.out}")
+    except (ValueError, FileNotFoundError) as e:  # what the files given say is wrong with them, in one line
+        raise SystemExit(str(e).replace("\n", " "))
 
 
 if __name__ == "__main__":

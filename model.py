@@ -392,7 +392,11 @@ def load_state_dict_file(path, where_to_get=""):
         raise FileNotFoundError(f"no checkpoint file at {path}. {where_to_get}".strip())
     if os.fspath(path).endswith(".safetensors"):
         return read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or a pickle that would run code
+        reason = type(e).__name__ + (f": {str(e).strip().splitlines()[0]}" if str(e).strip() else "")
+        raise ValueError(f"{path} cannot be read as a checkpoint ({reason[:200]}). {where_to_get}".strip()) from None
 
 
 def check_state_dict(model, state_dict, source, where_to_get):

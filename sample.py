@@ -8,7 +8,6 @@ Images of a class from a trained model, with FineDiffusion's superclass guidance
 --ckpt takes our training checkpoints (a delta is combined with its base), official DiT-XL/2 files, and
 official FineDiffusion checkpoints (with --hierarchy, their class list).
 """
-import argparse
 import glob
 import math
 import os
@@ -20,23 +19,23 @@ from PIL import Image
 from tqdm import tqdm
 
 import peft
-from data import Hierarchy
-from diffusion import SAMPLER_STEPS, run_sampler
+from data import NON_NEGATIVE, POSITIVE, Hierarchy, Parser, number
+from diffusion import SAMPLER_STEPS, check_steps, run_sampler
 from model import load_vae
 from train import setup_distributed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--class", dest="cls", default=None,
                    help="class id or name (scientific or common); 'all': a grid with one row per class")
-    p.add_argument("--ckpt", default=None, help="default: the newest checkpoint under results/")
+    p.add_argument("--ckpt", default=None, help="a checkpoint (none: the newest under results/)")
     p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
-    p.add_argument("--n", type=int, default=8, help="images of --class (per class with --class all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--n", type=POSITIVE, default=8, help="images of --class (per class with --class all)")
+    p.add_argument("--seed", type=int, default=0, help="the noise")
+    p.add_argument("--cfg-scale", type=number(float), default=4.0, help="guidance scale w of Eq. 1 (1: no guidance)")
     p.add_argument("--guidance", default=None, choices=["fine", "cfg", "none"],
                    help="fine: superclass guidance (default for tiered models); cfg: the null label")
     p.add_argument("--official-three-channels", action="store_true", help="guide eps channels 0..2 only, as DiT")
@@ -44,10 +43,17 @@ def parse_args(argv=None):
                    help="ddpm: the paper's; ddim: deterministic; dpm++: DPM-Solver++(2M), as diffusers' DiTPipeline")
     p.add_argument("--num-sampling-steps", type=int, default=None,
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
-    p.add_argument("--num-samples", type=int, default=0, help="bulk: this many images over all classes")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
+    p.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="bulk: this many images over all classes")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per process per batch")
     p.add_argument("--out", default=None, help="the grid PNG, or the folder of a bulk run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_sampling_steps is None:
+        args.num_sampling_steps = SAMPLER_STEPS[args.sampler]
+    try:
+        check_steps(args.sampler, args.num_sampling_steps)
+    except ValueError as e:
+        p.error(f"argument --num-sampling-steps: {e}")
+    return args
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -64,12 +70,12 @@ def newest_checkpoint(results_dir="results"):
 def load_model(args):
     """--ckpt (a delta on its base, our full checkpoints, official DiT and FineDiffusion files) -> (merged model,
     hierarchy or None, VAE path or None)."""
-    hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
     try:
+        hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
         model, checkpoint = peft.load_model(args.ckpt, args.base,
                                             hierarchy.class_to_superclass if hierarchy else None)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--ckpt {args.ckpt}: {e}")
+        raise SystemExit(str(e) if args.ckpt in str(e) else f"--ckpt {args.ckpt}: {e}")
     vae = args.vae
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
@@ -84,7 +90,8 @@ def resolve_class(model, hierarchy, cls):
         except ValueError as error:
             raise SystemExit(f"--class {cls}: {error}")
     if not str(cls).isdigit() or int(cls) >= model.y_embedder.num_classes:
-        raise SystemExit(f"--class {cls}: this model has no class names; give an id in 0..{model.y_embedder.num_classes - 1}")
+        raise SystemExit(f"--class {cls}: this model has no class names; give an id in "
+                         f"0..{model.y_embedder.num_classes - 1}")
     return int(cls)
 
 
@@ -152,8 +159,11 @@ def main(args):
     args.ckpt = args.ckpt or newest_checkpoint()
     model, hierarchy, vae_path = load_model(args)
     model.to(device).eval()
-    vae = load_vae(vae_path, device) if vae_path not in (None, "none") else None
-    if vae is None and model.in_channels == 4:
+    try:
+        vae = load_vae(vae_path, device) if vae_path not in (None, "none") else None
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--vae: {e}")
+    if vae is None and model.in_channels != 3:
         raise SystemExit("this model works in the SD VAE's latent space: give --vae (sd-vae-ft-ema)")
     guidance = args.guidance or ("fine" if model.y_embedder.num_superclasses else "cfg")
     if args.num_samples:
@@ -173,8 +183,7 @@ def main(args):
         args.out = args.out or f"samples/{stem}-{guidance}.png"
         save_grid(images, args.out, cols=args.n if len(classes) > 1 else None)
         how = "no guidance" if guidance == "none" else f"{guidance} guidance, scale {args.cfg_scale}"
-        steps = args.num_sampling_steps or SAMPLER_STEPS[args.sampler]
-        print(f"{args.n} images of {name} ({how}, {args.sampler} {steps} steps) -> {args.out}")
+        print(f"{args.n} images of {name} ({how}, {args.sampler} {args.num_sampling_steps} steps) -> {args.out}")
     if world_size > 1:
         dist.destroy_process_group()
 

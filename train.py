@@ -13,7 +13,10 @@ log.txt and metrics.jsonl (one JSON line per logged step: what bench.py's Table 
 import argparse
 import glob
 import json
+import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -30,37 +33,62 @@ from peft import (METHODS, Checkpoint, count_parameters, load_base, prepare, rea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="finediffusion", choices=list(METHODS))
+    p = data.Parser(description=__doc__)
+    p.add_argument("--method", default="finediffusion", choices=list(METHODS), help="what trains (peft.METHODS)")
     p.add_argument("--ckpt", default=None, help="base DiT checkpoint (.pt/.safetensors); none: train from scratch")
     p.add_argument("--model", default=None, choices=list(DIT_CONFIGS),
-                   help="with --ckpt: checked against the file (any DiT shape loads); without: default DiT-XL/2")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="heads of a --ckpt that does not record them (default: model.heads_for_width)")
-    p.add_argument("--image-size", type=int, default=256)
+                   help="with --ckpt: checked against the file (any DiT shape loads); without: DiT-XL/2 if not given")
+    p.add_argument("--num-heads", type=data.POSITIVE, default=None,
+                   help="heads of a --ckpt that does not record them (none: model.heads_for_width)")
+    p.add_argument("--image-size", type=data.POSITIVE, default=256, help="pixels; a multiple of the VAE's 8")
     p.add_argument("--vae", default=None, help="SD VAE folder or file (sd-vae-ft-ema); 'none': pixel space")
-    p.add_argument("--data", default="inat", choices=["inat", "vegfru", "folder", "toy"])
+    p.add_argument("--data", default="inat", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
     p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it)")
     p.add_argument("--split", default=None, help="inat: train_mini/train/val; toy: source/target")
     p.add_argument("--latent-cache", default=None, help="encode the data once into this folder and train from it")
-    p.add_argument("--global-batch-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=200_000)
-    p.add_argument("--lr", type=float, default=None, help="default: the method's suggested lr (peft.METHODS)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--p-parent", type=float, default=0.1, help="P(fine label -> its parent) while training")
+    p.add_argument("--global-batch-size", type=data.POSITIVE, default=256, help="images per step over all processes")
+    p.add_argument("--max-steps", type=data.POSITIVE, default=200_000, help="optimizer steps in all")
+    p.add_argument("--lr", type=data.number(float, 0.0, low_open=True), default=None,
+                   help="learning rate (none: the method's suggested one, peft.METHODS)")
+    p.add_argument("--ema-decay", type=data.FRACTION, default=0.9999, help="EMA of the trained weights")
+    p.add_argument("--p-parent", type=data.FRACTION, default=0.1, help="P(fine label -> its parent) while training")
     for method, spec in METHODS.items():  # each method's own options, e.g. --lora-rank
         for option, default in spec.options.items():
-            p.add_argument(f"--{option.replace('_', '-')}", type=type(default), default=default, help=f"{method} only")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=10_000)
+            p.add_argument(f"--{option.replace('_', '-')}", type=data.number(type(default), 1), default=default,
+                           help=f"{method} only")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
+    p.add_argument("--num-workers", type=data.NON_NEGATIVE, default=4, help="data loading processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="weights of new parameters, data order, noise")
+    p.add_argument("--results-dir", default="results", help="where run folders NNN-model-method are made")
+    p.add_argument("--log-every", type=data.POSITIVE, default=100, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=data.POSITIVE, default=10_000, help="steps between checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint of this script to continue from")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parsed again without defaults: which flags the command line itself set
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+# What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
+RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "num_workers", "precision", "compile", "grad_checkpointing",
+             "ckpt", "results_dir")
+
+
+def resumed_args(args, resume):
+    """The saved settings with the flags given now that a resume may change -> (args, {flag: (old, new)})."""
+    refused = [name for name in args.given if name not in RESUMABLE + ("resume",)]
+    if refused:
+        flags = lambda names: ", ".join("--" + name.replace("_", "-") for name in names)
+        raise SystemExit(f"--resume continues the run with its saved settings and cannot change {flags(refused)}; "
+                         f"it can change {flags(RESUMABLE)}")
+    settings = dict(resume.settings, resume=args.resume, given=args.given)
+    changed = {name: (settings[name], getattr(args, name)) for name in args.given
+               if name != "resume" and settings[name] != getattr(args, name)}
+    settings.update({name: new for name, (_, new) in changed.items()})
+    return argparse.Namespace(**settings), changed
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -79,12 +107,37 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_mean(value, world_size):
-    """Mean of a scalar tensor over all ranks."""
+MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high gets past it in one step
+
+
+def step_health(loss, params, stop, world_size):
+    """After an update: (mean loss over ranks, did it diverge, was a stop requested), agreed by every rank through
+    one all-reduce of three scalars per step (its cost). Diverged: a non-finite loss or weight, or a weight beyond
+    MAX_WEIGHT."""
+    largest = torch.nn.utils.get_total_norm([p.detach() for p in params], norm_type=math.inf)
+    bad = ~torch.isfinite(largest) | (largest > MAX_WEIGHT) | ~torch.isfinite(loss.detach())
+    health = torch.stack([loss.detach().float(), bad.float(), torch.tensor(float(stop.signum is not None),
+                                                                           device=loss.device)])
     if world_size > 1:
-        dist.all_reduce(value)
-        value = value / world_size
-    return value
+        dist.all_reduce(health)
+    return health[0].item() / world_size, health[1].item() > 0, health[2].item() > 0
+
+
+class StopRequest:
+    """Within it, SIGTERM (a cluster scheduler taking the node back) and SIGINT (Ctrl-C) ask the training loop to
+    stop after its current step, save and exit, rather than die mid-step."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def rng_states(world_size):
@@ -97,17 +150,52 @@ def rng_states(world_size):
     return states
 
 
+def continues_in_place(checkpoint):
+    """A resume writes on in its checkpoint's run folder when that checkpoint is the newest there; from an earlier
+    one, or one copied out of its run, it branches into a new folder, so no checkpoint is ever overwritten."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    saved = sorted(glob.glob(os.path.join(folder, "[0-9]*.pt")))
+    return os.path.basename(folder) == "checkpoints" and saved and os.path.samefile(saved[-1], checkpoint)
+
+
+def create_run_dir(results_dir, name):
+    """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive
+    mkdir fails when another run took the number first, and the next number is tried."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
+        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        try:
+            os.mkdir(run_dir)
+        except FileExistsError:
+            continue
+        os.mkdir(os.path.join(run_dir, "checkpoints"))
+        return run_dir
+
+
+def remove_stale_temporaries(run_dir):
+    """Half-written checkpoints (NNN.pt.<pid>.tmp) of processes that no longer run: what a kill mid-save leaves."""
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt.*.tmp")):
+        pid = path.rsplit(".", 2)[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            os.remove(path)
+
+
 def open_run(args, dit_config, rank, world_size):
-    """The run folder: the resumed checkpoint's, or results/NNN-model-method (rank 0 picks, every rank writes there)."""
-    if args.resume:
-        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-    index = len(glob.glob(os.path.join(args.results_dir, "*")))
-    model_name = dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}"
-    run_dir = [os.path.join(args.results_dir, f"{index:03d}-{model_name.replace('/', '-')}-{args.method}")]
+    """The run folder (rank 0 decides, every rank learns it): the resumed run's, or a new one."""
+    run_dir = [None]
+    if rank == 0:
+        old_run = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) if args.resume else None
+        if args.resume and continues_in_place(args.resume):
+            run_dir = [old_run]
+            remove_stale_temporaries(run_dir[0])
+        else:  # a new run, or a branch: beside the run it continues unless --results-dir says where
+            in_a_run = args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints"
+            results_dir = os.path.dirname(old_run) if in_a_run and "results_dir" not in args.given else args.results_dir
+            model_name = dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}"
+            run_dir = [create_run_dir(results_dir, f"{model_name.replace('/', '-')}-{args.method}")]
     if world_size > 1:
         dist.broadcast_object_list(run_dir)
-    if rank == 0:
-        os.makedirs(os.path.join(run_dir[0], "checkpoints"), exist_ok=True)
     return run_dir[0]
 
 
@@ -131,10 +219,28 @@ class Log:
 # Data and model
 
 
+def check_settings(args, resume, world_size):
+    """The checks that need no data, made before any slow work."""
+    if resume and args.max_steps <= resume.step:
+        raise SystemExit(f"--max-steps {args.max_steps}: the checkpoint is at step {resume.step} already; "
+                         f"give a larger --max-steps to train on")
+    if args.global_batch_size % world_size:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes")
+    if args.vae is None:
+        raise SystemExit("give --vae (the SD VAE folder, e.g. sd-vae-ft-ema) or --vae none to train in pixel space")
+    if METHODS[args.method].delta and not args.ckpt:
+        raise SystemExit(f"--method {args.method} fine-tunes a pre-trained model: give its --ckpt")
+
+
 def load_data(args, device, rank, world_size):
     """(vae or None, dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels."""
-    vae = None if args.vae == "none" else load_vae(args.vae, device)
-    dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
+    try:
+        vae = None if args.vae == "none" else load_vae(args.vae, device)
+        if vae is not None and args.image_size % vae.downsample_factor:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+        dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
     if args.latent_cache and vae is not None:
         dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
                                           num_workers=args.num_workers)
@@ -151,13 +257,17 @@ def build_model(args, hierarchy, vae):
         try:
             model, base = load_base(args.ckpt, input_size, args.num_heads, args.model)
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--ckpt: {e}")
+            moved = " (a base that moved: resume with --ckpt <its new path>, checked by its fingerprint)"
+            raise SystemExit(f"--ckpt: {e}" + (moved if args.resume else ""))
         if model.in_channels != channels:
             raise SystemExit(f"--ckpt {args.ckpt} expects {model.in_channels} input channels, but --vae {args.vae} "
                              f"gives {channels}")
     else:
         model = DiT(input_size=input_size, in_channels=channels, num_classes=len(hierarchy.class_names),
                     **DIT_CONFIGS[args.model or "DiT-XL/2"])
+    if input_size % model.patch_size:
+        raise SystemExit(f"--image-size {args.image_size}: the {input_size} px {'latents' if vae else 'images'} "
+                         f"do not split into the model's {model.patch_size} px patches")
     config = model.config
     options = dict(class_to_superclass=hierarchy.class_to_superclass, num_superclasses=len(hierarchy.superclass_names),
                    p_parent=args.p_parent, **{name: getattr(args, name) for name in METHODS[args.method].options})
@@ -190,9 +300,7 @@ def batches(dataset, args, step, rank, world_size, device):
     """This rank's batches from `step` on: a seeded permutation per epoch, so a resumed run skips what it has seen."""
     local_batch = args.global_batch_size // world_size
     sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // local_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} images cannot fill one batch of {args.global_batch_size}")
+    steps_per_epoch = len(sampler) // local_batch  # > 0: main checked
     epoch, skip = divmod(step, steps_per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -207,12 +315,15 @@ def batches(dataset, args, step, rank, world_size, device):
 # Training
 
 
-def restore(resume, model, opt, scaler, seed, rank, world_size, device, log):
-    """Continue from a checkpoint: trained weights, optimizer, scaler and each rank's own random stream ->
-    (EMA, step). On another world size the streams start afresh (the run goes on, but not bit-exactly)."""
+def restore(resume, model, opt, scaler, lr, seed, rank, world_size, device, log):
+    """Continue from a checkpoint: trained weights, optimizer (at learning rate `lr`), scaler and each rank's own
+    random stream -> (EMA, step). On another world size the streams start afresh (the run goes on, not bit-exactly)."""
     model.load_state_dict(resume.model, strict=False)
     opt.load_state_dict(resume.optimizer)
-    scaler.load_state_dict(resume.scaler)
+    for group in opt.param_groups:  # the saved state carries the old lr
+        group["lr"] = lr
+    if scaler.is_enabled() and resume.scaler:  # fp16 before and now
+        scaler.load_state_dict(resume.scaler)
     if len(resume.rng) == world_size:
         torch.set_rng_state(resume.rng[rank]["cpu"])
         if device.type == "cuda":
@@ -226,24 +337,23 @@ def restore(resume, model, opt, scaler, seed, rank, world_size, device, log):
 def main(args):
     rank, world_size, device = setup_distributed()
     resume = None
-    if args.resume:  # continue with the saved settings; only --max-steps may change
+    if args.resume:  # continue with the saved settings, but what RESUMABLE lets change
         try:
             resume = read_checkpoint(args.resume)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--resume: {e}")
-        args = argparse.Namespace(**{**resume.settings, "resume": args.resume, "max_steps": args.max_steps})
-    if args.global_batch_size % world_size:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes")
-    if args.vae is None:
-        raise SystemExit("give --vae (the SD VAE folder, e.g. sd-vae-ft-ema) or --vae none to train in pixel space")
-    if METHODS[args.method].delta and not args.ckpt:
-        raise SystemExit(f"--method {args.method} fine-tunes a pre-trained model: give its --ckpt")
+        args, changed = resumed_args(args, resume)
+    check_settings(args, resume, world_size)
     torch.manual_seed(args.seed * world_size + rank)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     vae, dataset, hierarchy = load_data(args, device, rank, world_size)
     model, dit_config, options, base = build_model(args, hierarchy, vae)
-    if resume and resume.base != base:
-        raise SystemExit(f"--resume: the checkpoint was trained on base {resume.base}, --ckpt is {base}")
+    if resume and (resume.base or {}).get("sha256") != (base or {}).get("sha256"):
+        raise SystemExit(f"--resume: the checkpoint was trained on the base {resume.base['path']}; --ckpt "
+                         f"{args.ckpt} is another file (its tensors differ)")
+    if len(dataset) // world_size < args.global_batch_size // world_size:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size}: the {len(dataset)} training images cannot "
+                         f"fill one batch")
     run_dir = open_run(args, dit_config, rank, world_size)
     log = Log(run_dir, rank)
     model.to(device)
@@ -260,8 +370,13 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = 0
     if resume:
-        ema, step = restore(resume, model, opt, scaler, args.seed, rank, world_size, device, log)
-        log(f"resumed from {args.resume} at step {step}")
+        ema, step = restore(resume, model, opt, scaler, lr, args.seed, rank, world_size, device, log)
+        in_place = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) == os.path.abspath(run_dir)
+        log(f"resumed from {args.resume} at step {step}" + ("" if in_place else f", into the new run folder {run_dir} "
+            "(it is not the newest checkpoint of its run, which stays as it is)"))
+        if changed:
+            log("changed on resume: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
+                                                  for k, (old, new) in changed.items()))
     ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world_size > 1 else model
     forward = autocast_forward(torch.compile(ddp_model) if args.compile else ddp_model, device, precision)
 
@@ -270,47 +385,54 @@ def main(args):
             method=args.method, options=options, dit=dit_config, base=base, hierarchy=hierarchy.to_dict(),
             vae=None if vae is None else os.path.abspath(args.vae), model=trainable_state_dict(model), ema=ema,
             data=dict(kind=args.data, path=args.data_path, split=args.split, image_size=args.image_size), step=step,
-            optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_states(world_size), settings=vars(args))
+            optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_states(world_size),
+            settings={k: v for k, v in vars(args).items() if k not in ("resume", "given")})
         if rank == 0:
             save_checkpoint(path, checkpoint)
 
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     timer, logged_steps, running_loss = time.time(), 0, 0.0
-    for x, y in batches(dataset, args, step, rank, world_size, device):
-        if step >= args.max_steps:
-            break
-        y = y.to(device, non_blocking=True)
-        with torch.no_grad():
-            x = to_model_input(x, vae, device)
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
-        # the guard costs one all-reduce of a scalar per step: every rank must stop at the same step
-        mean_loss = all_mean(loss.detach().float().clone(), world_size)
-        if not torch.isfinite(mean_loss):
-            log(f"step {step}: the loss is {mean_loss.item()}; stopping before it reaches the weights. The last good "
-                f"checkpoint is in {run_dir}/checkpoints; resume from it with a lower --lr or --precision bf16/fp32.")
-            raise SystemExit(1)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        with torch.no_grad():  # EMA of the trainable parameters only
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    ema[name].lerp_(p.detach().float(), 1 - args.ema_decay)
-        step, logged_steps, running_loss = step + 1, logged_steps + 1, running_loss + mean_loss.item()
-        progress.update()
-        if step % args.log_every == 0 or step == args.max_steps:
-            elapsed = time.time() - timer
-            metrics = dict(step=step, loss=running_loss / logged_steps, steps_per_s=logged_steps / elapsed,
-                           images_per_s=logged_steps * args.global_batch_size / elapsed, lr=lr, method=args.method)
-            log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
-                f"{metrics['images_per_s']:.1f} images/s", **metrics)
-            timer, logged_steps, running_loss = time.time(), 0, 0.0
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            save(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-            log(f"saved {run_dir}/checkpoints/{step:07d}.pt")
+    last_saved = args.resume
+    with StopRequest() as stop:
+        for x, y in batches(dataset, args, step, rank, world_size, device):
+            if step >= args.max_steps:
+                break
+            y = y.to(device, non_blocking=True)
+            with torch.no_grad():
+                x = to_model_input(x, vae, device)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # fp16: a step whose gradients overflowed is skipped and the scale lowered
+            scaler.update()
+            mean_loss, diverged, stopping = step_health(loss, opt.param_groups[0]["params"], stop, world_size)
+            if diverged:  # the weights in memory are lost; no checkpoint holds them
+                log(f"step {step + 1}: the training diverged (loss {mean_loss:.4g}, or a weight non-finite or beyond "
+                    f"{MAX_WEIGHT:g}); stopping before it reaches a checkpoint. The last good checkpoint is "
+                    f"{last_saved or 'none (none was saved)'}: resume from it with a lower --lr, or --precision fp32.")
+                raise SystemExit(1)
+            with torch.no_grad():  # EMA of the trainable parameters only
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        ema[name].lerp_(p.detach().float(), 1 - args.ema_decay)
+            step, logged_steps, running_loss = step + 1, logged_steps + 1, running_loss + mean_loss
+            progress.update()
+            if step % args.log_every == 0 or step == args.max_steps:
+                elapsed = time.time() - timer
+                metrics = dict(step=step, loss=running_loss / logged_steps, steps_per_s=logged_steps / elapsed,
+                               images_per_s=logged_steps * args.global_batch_size / elapsed, lr=lr, method=args.method)
+                log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
+                    f"{metrics['images_per_s']:.1f} images/s", **metrics)
+                timer, logged_steps, running_loss = time.time(), 0, 0.0
+            if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
+                last_saved = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                save(last_saved)
+                log(f"saved {last_saved}")
+            if stopping:
+                log(f"stopped by a signal after step {step}; continue with: python train.py --resume {last_saved}")
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     progress.close()
     if world_size > 1:
         dist.destroy_process_group()
@@ -318,4 +440,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, which handles it itself
+        sys.exit("interrupted before training started: nothing was saved")

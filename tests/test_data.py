@@ -211,20 +211,21 @@ def test_toy_set_is_deterministic_and_has_source_and_target(tmp_path):
         return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
                 for d, _, files in os.walk(root) for f in files if f.endswith(".png")}
 
-    a = read_all(data.make_toy_dataset(str(tmp_path / "a"), seed=0, images_per_class=4))
+    folder_a = data.make_toy_dataset(str(tmp_path / "a"), seed=0, images_per_class=4)
+    a = read_all(folder_a)
     b = read_all(data.make_toy_dataset(str(tmp_path / "b"), seed=0, images_per_class=4))
     c = read_all(data.make_toy_dataset(str(tmp_path / "c"), seed=1, images_per_class=4))
     assert a == b and a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a)
-    # generated once: a second call keeps the files; a new seed regenerates them
-    stamp = os.stat(tmp_path / "a" / next(iter(a))).st_mtime_ns
-    data.make_toy_dataset(str(tmp_path / "a"), seed=0, images_per_class=4)
-    assert os.stat(tmp_path / "a" / next(iter(a))).st_mtime_ns == stamp
-    data.make_toy_dataset(str(tmp_path / "a"), seed=1, images_per_class=4)
-    assert read_all(tmp_path / "a") == c
+    # generated once: a second call keeps the files; a new seed is made beside it, the first one untouched
+    stamp = os.stat(os.path.join(folder_a, next(iter(a)))).st_mtime_ns
+    assert data.make_toy_dataset(str(tmp_path / "a"), seed=0, images_per_class=4) == folder_a
+    assert os.stat(os.path.join(folder_a, next(iter(a)))).st_mtime_ns == stamp
+    assert read_all(data.make_toy_dataset(str(tmp_path / "a"), seed=1, images_per_class=4)) == c
+    assert read_all(folder_a) == a
 
-    source, hs = data.load_folder(str(tmp_path / "a" / "source"), 32)  # what load_dataset("toy", ...) reads
-    target, ht = data.load_folder(str(tmp_path / "a" / "target"), 32)
+    source, hs = data.load_folder(os.path.join(folder_a, "source"), 32)  # what load_dataset("toy", ...) reads
+    target, ht = data.load_folder(os.path.join(folder_a, "target"), 32)
     assert not set(hs.class_names) & set(ht.class_names)  # the target's fine classes are all new
     assert set(hs.superclass_names) < set(ht.superclass_names)  # ... in the source's superclasses and a new one
     for dataset, h in ((source, hs), (target, ht)):
@@ -374,3 +375,16 @@ def test_latent_cache_built_by_two_ranks_equals_one_process(tmp_path, vae):
     assert two.meta == one.meta and np.array_equal(two.rows, one.rows)
     a, b = np.load(tmp_path / "one" / "latents.npy"), np.load(tmp_path / "two" / "latents.npy")
     assert rel_err(torch.from_numpy(b[one.rows]), torch.from_numpy(a[one.rows])) <= 1e-5
+
+
+def test_toy_sets_of_two_sizes_side_by_side_and_an_interrupted_generation(tmp_path):
+    """Another size is made beside the first (which a running job may be reading), never over it; a generation that
+    was killed left only its own temporary folder, which the next one removes."""
+    first, _ = data.load_dataset("toy", str(tmp_path), 8, split="target")
+    files = sorted(first.files)
+    stale = tmp_path / ".8px-seed0-n32-v1.999999999.tmp" / "target"  # a dead process's half-drawn set
+    stale.mkdir(parents=True)
+    second, _ = data.load_dataset("toy", str(tmp_path), 12, split="target")
+    assert sorted(first.files) == files and os.path.isdir(first.root) and first.root != second.root
+    assert np.asarray(first[0][0]).shape == (3, 8, 8) and np.asarray(second[0][0]).shape == (3, 12, 12)
+    assert sorted(os.listdir(tmp_path)) == ["12px-seed0-n32-v1", "8px-seed0-n32-v1"]

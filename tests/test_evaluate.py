@@ -2,6 +2,7 @@
 LPIPS diversity pairs, t-SNE, Figure 7, image-set reading and the tables."""
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from conftest import fixture, rel_err
 import evaluate as E
+from data import make_toy_dataset
 
 
 def shapes(module):
@@ -250,7 +252,7 @@ def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
     """ref-stats of a folder tree, then fid of an .npz of the same images (FID 0 overall and per superclass) and of
     other images (FID > 0), with the fixture's random-weight FID Inception; then t-SNE of the toy checkpoint."""
     torch.save(fixture("inception_fid_random_fp16.pt")["state_dict"], tmp_path / "inception.pth")
-    source = toy_runs["root"] / "data" / "target"
+    source = pathlib.Path(make_toy_dataset(str(toy_runs["root"] / "data"), image_size=16)) / "target"  # made already
     for superclass in sorted(os.listdir(source)):  # two images of every class: a small, quick reference
         for name in sorted(os.listdir(source / superclass)):
             os.makedirs(tmp_path / "ref" / superclass / name)

@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,10 +16,10 @@ from model import AutoencoderKL, DiT, load_vae_state_dict
 from peft import load_model, read_checkpoint, trainable_state_dict
 
 
-def toy_args(toy_runs, tmp_path, *extra):
-    """The toy fine-tuning run's flags, writing into this test's own results folder."""
-    return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion",
-                                                  "--ckpt", toy_runs["base"], "--results-dir", str(tmp_path), *extra])
+def toy_args(toy_runs, tmp_path, *extra, base=None):
+    """The toy fine-tuning run's flags (on the toy base, or `base`), writing into this test's own results folder."""
+    return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt",
+                                                  str(base or toy_runs["base"]), "--results-dir", str(tmp_path), *extra])
 
 
 def metrics(run_dir):
@@ -197,14 +199,117 @@ def test_model_input_samples_the_cached_posterior():
     torch.testing.assert_close(z, expected)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_runs, tmp_path):
-    """A learning rate that blows the weights up: the run stops with a clear message before saving them."""
-    args = toy_runs["common"] + ["--split", "source", "--method", "full", "--max-steps", "20", "--lr", "1e12",
-                                 "--ckpt-every", "1", "--results-dir", str(tmp_path)]
-    with pytest.raises(SystemExit):
-        train.main(train.parse_args(args))
-    log = open(next(tmp_path.glob("*/log.txt"))).read()
-    assert "stopping before it reaches the weights" in log
-    saved = sorted(tmp_path.glob("*/checkpoints/*.pt"))
-    last = read_checkpoint(str(saved[-1]))
-    assert all(torch.isfinite(v).all() for v in last.model.values())
+def test_divergence_stops_before_a_checkpoint_and_names_the_last_good_one(toy_runs, tmp_path):
+    """An lr that blows the weights up in one step (finite, but far beyond any trained weight): the run stops before
+    saving them and names the checkpoint to go back to, which is finite."""
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000004.pt"), "--lr", "1e30",
+                                     "--max-steps", "10", "--ckpt-every", "1"]))
+    assert stop.value.code == 1
+    last = str(run_dir / "checkpoints" / "0000004.pt")
+    assert f"The last good checkpoint is {last}" in (run_dir / "log.txt").read_text()
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000002.pt", "0000004.pt"]
+    assert all(torch.isfinite(v).all() for v in read_checkpoint(last).model.values())
+
+
+def test_resume_changes_what_is_safe_and_refuses_the_rest(toy_runs, tmp_path):
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    start = str(run_dir / "checkpoints" / "0000004.pt")
+    with pytest.raises(SystemExit, match="cannot change --method, --seed"):
+        train.main(train.parse_args(["--resume", start, "--method", "bitfit", "--seed", "3"]))
+    train.main(train.parse_args(["--resume", start, "--lr", "5e-3", "--max-steps", "5"]))
+    assert "changed on resume: --lr None -> 0.005, --max-steps 4 -> 5" in (run_dir / "log.txt").read_text()
+    assert read_checkpoint(str(run_dir / "checkpoints" / "0000005.pt")).optimizer["param_groups"][0]["lr"] == 5e-3
+    assert metrics(run_dir)[-1] == dict(metrics(run_dir)[-1], step=5, lr=5e-3)
+
+
+def test_resume_follows_a_moved_base(toy_runs, tmp_path):
+    """A base that moved: the resume says how to point at it, and takes it with --ckpt (checked by fingerprint)."""
+    base = shutil.copy(toy_runs["base"], tmp_path / "base.pt")
+    _, run_dir = train.main(toy_args(toy_runs, tmp_path / "results", "--max-steps", "1", base=base))
+    moved = shutil.move(base, tmp_path / "moved.pt")
+    start = os.path.join(run_dir, "checkpoints", "0000001.pt")
+    with pytest.raises(SystemExit, match="resume with --ckpt <its new path>"):
+        train.main(train.parse_args(["--resume", start, "--max-steps", "2"]))
+    train.main(train.parse_args(["--resume", start, "--max-steps", "2", "--ckpt", str(moved)]))
+    assert read_checkpoint(os.path.join(run_dir, "checkpoints", "0000002.pt")).step == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_the_resume_is_bit_identical(toy_runs, tmp_path, signum):
+    """SIGTERM (a scheduler preempting) or SIGINT (Ctrl-C) mid-run: the step finishes, a checkpoint is written, the
+    process exits non-zero, and resuming from that checkpoint gives an uninterrupted run's weights bit for bit."""
+    args = toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
+                                 "--max-steps", "100000", "--ckpt-every", "100000"]
+    run = subprocess.Popen([sys.executable, "train.py", *args, "--results-dir", str(tmp_path / "stopped")], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "stopped" / "000-DiT-T-4-finediffusion" / "metrics.jsonl"
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signum)
+    assert run.wait(timeout=120) == 128 + signum
+    run_dir = metrics_file.parent
+    saved = os.listdir(run_dir / "checkpoints")
+    assert len(saved) == 1 and "continue with: python train.py --resume" in (run_dir / "log.txt").read_text()
+    step = read_checkpoint(str(run_dir / "checkpoints" / saved[0])).step
+    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / saved[0]), "--max-steps", str(step + 2)]))
+    resumed = read_checkpoint(str(run_dir / "checkpoints" / f"{step + 2:07d}.pt"))
+    _, reference_dir = train.main(train.parse_args(args[:-4] + ["--max-steps", str(step + 2),
+                                                                "--results-dir", str(tmp_path / "reference")]))
+    reference = read_checkpoint(os.path.join(reference_dir, "checkpoints", f"{step + 2:07d}.pt"))
+    assert all(torch.equal(resumed.ema[k], v) for k, v in reference.ema.items())
+    assert all(torch.equal(resumed.model[k], v) for k, v in reference.model.items())
+
+
+# ---- Nothing a user made is overwritten: run folders, resumes that branch, stale temporaries ----
+
+def test_a_new_run_never_reuses_a_folder(toy_runs, tmp_path):
+    """Numbers go on above the highest one there: with 000 deleted, the next run is 002, and 001 is untouched."""
+    for name in ("000-DiT-T-4-full", "001-DiT-T-4-full"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "0000001.pt").write_text(name)
+    shutil.rmtree(tmp_path / "000-DiT-T-4-full")
+    _, run_dir = train.main(toy_args(toy_runs, tmp_path, "--max-steps", "1"))
+    assert os.path.basename(run_dir) == "002-DiT-T-4-finediffusion"
+    assert (tmp_path / "001-DiT-T-4-full" / "checkpoints" / "0000001.pt").read_text() == "001-DiT-T-4-full"
+
+
+def test_two_runs_started_together_get_their_own_folders(toy_runs, tmp_path):
+    args = toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
+                                 "--max-steps", "2", "--results-dir", str(tmp_path)]
+    runs = [subprocess.Popen([sys.executable, "train.py"] + args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert all(run.wait(timeout=300) == 0 for run in runs), [run.stderr.read()[-2000:] for run in runs]
+    folders = sorted(os.listdir(tmp_path))
+    assert folders == ["000-DiT-T-4-finediffusion", "001-DiT-T-4-finediffusion"]
+    for folder in folders:
+        assert (tmp_path / folder / "log.txt").read_text().count("step 0000002") == 1
+        assert sorted(os.listdir(tmp_path / folder / "checkpoints")) == ["0000002.pt"]
+
+
+def test_resume_from_an_earlier_or_copied_checkpoint_branches(toy_runs, tmp_path):
+    """From a checkpoint that is not its run's newest, or one copied out of its run: a new folder; the old run's
+    checkpoints stay byte for byte."""
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "results" / "000-run")
+    newest = (run_dir / "checkpoints" / "0000004.pt").read_bytes()
+    shutil.copy(run_dir / "checkpoints" / "0000002.pt", tmp_path / "copied.pt")
+    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000002.pt"), "--max-steps", "3"]))
+    train.main(train.parse_args(["--resume", str(tmp_path / "copied.pt"), "--max-steps", "3",
+                                 "--results-dir", str(tmp_path / "results")]))
+    assert (run_dir / "checkpoints" / "0000004.pt").read_bytes() == newest
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000002.pt", "0000004.pt"]
+    branches = sorted(p for p in os.listdir(tmp_path / "results") if p != "000-run")
+    assert len(branches) == 2
+    for branch in branches:
+        assert os.listdir(tmp_path / "results" / branch / "checkpoints") == ["0000003.pt"]
+        assert "into the new run folder" in (tmp_path / "results" / branch / "log.txt").read_text()
+
+
+def test_stale_temporaries_are_removed_on_resume(toy_runs, tmp_path):
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    stale = run_dir / "checkpoints" / "0000006.pt.999999999.tmp"  # no such process
+    stale.write_bytes(b"half a checkpoint")
+    train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000004.pt"), "--max-steps", "5"]))
+    assert not stale.exists() and (run_dir / "checkpoints" / "0000005.pt").exists()

@@ -1,0 +1,92 @@
+"""Every script's answer to bad input: one line (what is wrong, what is valid), a non-zero exit, no traceback and
+nothing written. In-process for the table (fast), and through a real process for one case of each script."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import data
+import evaluate
+import sample
+import train
+from conftest import ROOT
+
+SCRIPTS = dict(train=lambda argv: train.main(train.parse_args(argv)), sample=lambda argv: sample.main(
+    sample.parse_args(argv)), evaluate=evaluate.main, data=data.main, bench=bench.main)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.pt").write_bytes(b"")
+    (root / "text.pt").write_text("not a checkpoint")
+    (root / "broken.json").write_text('{"class_names": [')
+    return root
+
+
+def cases(toy):
+    """(script, argv, what the one line must say); toy: the toy runs' paths."""
+    train_toy = toy["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy["base"]]
+    return [
+        ("sample", ["--n", "0"], ">= 1"), ("sample", ["--n", "-1"], ">= 1"),
+        ("sample", ["--num-samples", "-3"], ">= 0"), ("sample", ["--batch-size", "0"], ">= 1"),
+        ("sample", ["--cfg-scale", "nan"], "finite"), ("sample", ["--cfg-scale", "inf"], "finite"),
+        ("sample", ["--num-sampling-steps", "0"], "2 to 1000"), ("sample", ["--num-sampling-steps", "-5"], "2 to 1000"),
+        ("sample", ["--num-sampling-steps", "5000"], "2 to 1000"),
+        ("sample", ["--sampler", "dpm++", "--num-sampling-steps", "1000"], "1 to 999"),
+        ("sample", ["--sampler", "ddim", "--num-sampling-steps", "333"], "integer stride"),
+        ("sample", ["--ckpt", "{bad}/empty.pt", "--class", "1"], "cannot be read as a checkpoint"),
+        ("sample", ["--ckpt", "{bad}/text.pt", "--class", "1"], "cannot be read as a checkpoint"),
+        ("sample", ["--ckpt", "{bad}/missing.pt", "--class", "1"], "no checkpoint file"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],
+         "broken.json is not valid JSON"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--class", "999"], "valid ids are 0.."),
+        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--vae", "{bad}/novae"], "--vae: no VAE at"),
+        ("train", ["--max-steps", "0"], ">= 1"), ("train", ["--max-steps", "-5"], ">= 1"),
+        ("train", ["--global-batch-size", "0"], ">= 1"), ("train", ["--global-batch-size", "-8"], ">= 1"),
+        ("train", ["--ckpt-every", "0"], ">= 1"), ("train", ["--log-every", "0"], ">= 1"),
+        ("train", ["--lora-rank", "0"], ">= 1"), ("train", ["--ema-decay", "2"], "<= 1.0"),
+        ("train", ["--p-parent", "1.5"], "<= 1.0"), ("train", ["--lr", "-1"], "> 0.0"), ("train", ["--lr", "nan"], "> 0.0"),
+        ("train", ["--num-workers", "-1"], ">= 0"), ("train", ["--image-size", "abc"], "not an integer"),
+        ("train", train_toy + ["--split", "nope"], "toy split 'nope'"),
+        ("train", train_toy + ["--image-size", "18"], "do not split into the model's 4 px patches"),
+        ("train", train_toy[:-2] + ["--ckpt", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
+        ("train", ["--resume", "{bad}/text.pt"], "cannot be read as a checkpoint"),
+        ("train", ["--resume", toy["checkpoint"], "--max-steps", "3"], "at step 4 already"),
+        ("train", ["--resume", toy["checkpoint"], "--method", "full"], "cannot change --method"),
+        ("evaluate", ["fid", "--samples", "x.npz", "--ref", "y.npz", "--batch-size", "0"], ">= 1"),
+        ("evaluate", ["tsne", "--checkpoint", "{bad}/missing.pt"], "no checkpoint file"),
+        ("evaluate", ["tsne", "--checkpoint", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
+        ("evaluate", ["tsne", "--checkpoint", toy["checkpoint"], "--perplexity", "0"], "> 0.0"),
+        ("evaluate", ["table", "{bad}/broken.json"], "broken.json is not valid JSON"),
+        ("evaluate", ["fid", "--samples", "x.npz", "--ref", "y.npz", "--inception", "{bad}/none.pth"],
+         "pytorch-fid"),
+        ("data", ["--split", "nope"], "toy split 'nope'"), ("data", ["--image-size", "0"], ">= 1"),
+        ("bench", ["--steps", "0"], ">= 1"), ("bench", ["--methods", "adapter"], "unknown ['adapter']"),
+        ("bench", ["--image-size", "100"], "multiple of 16"), ("bench", ["--samplers", "euler"], "unknown ['euler']"),
+    ]
+
+
+def test_bad_arguments_get_one_line_and_write_nothing(toy_runs, bad_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where every default output would go
+    for script, argv, message in cases(toy_runs):
+        argv = [a.replace("{bad}", str(bad_files)) for a in argv]
+        with pytest.raises(SystemExit) as stop:
+            SCRIPTS[script](argv)
+        err = capsys.readouterr().err
+        said = stop.value.code if isinstance(stop.value.code, str) else err.strip()
+        assert stop.value.code not in (0, None), (script, argv)
+        assert message in said and "\n" not in said and "Traceback" not in err, (script, argv, said, err)
+        assert os.listdir(tmp_path) == [], (script, argv, os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("script, argv", [("train.py", ["--lr", "nan"]), ("sample.py", ["--ckpt", "{bad}/empty.pt"]),
+                                          ("evaluate.py", ["tsne", "--checkpoint", "{bad}/text.pt"])])
+def test_a_real_process_prints_one_line(bad_files, tmp_path, script, argv):
+    argv = [a.replace("{bad}", str(bad_files)) for a in argv]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script)] + argv, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and not out.stdout, out.stderr
+    assert os.listdir(tmp_path) == []

@@ -254,17 +254,27 @@ def subfolders(folder):
 
 
 def load_folder(root, image_size, hflip=True):
-    names, superclass_of, files, labels = [], [], [], []
-    superclass_names = subfolders(root)
-    for s, superclass in enumerate(superclass_names):
+    """A class folder without images, and so a superclass without classes, is left out, with one warning line: a
+    class that cannot be learned would otherwise be sampled as if it had been."""
+    names, superclass_of, files, labels, superclass_names, empty = [], [], [], [], [], []
+    for superclass in subfolders(root):
         for name in subfolders(os.path.join(root, superclass)):
             images = list_images(os.path.join(root, superclass, name))
+            if not images:
+                empty.append(os.path.join(superclass, name))
+                continue
+            if superclass not in superclass_names:
+                superclass_names.append(superclass)
             files += [os.path.join(superclass, name, f) for f in images]
             labels += [len(names)] * len(images)
             names.append(name)
-            superclass_of.append(s)
+            superclass_of.append(len(superclass_names) - 1)
     if not files:
         raise FileNotFoundError(f"no images in {root}: expected the layout {root}/<superclass>/<class>/*.jpg")
+    dropped = sorted(set(subfolders(root)) - set(superclass_names))
+    if empty or dropped:
+        print(f"data: left out {len(empty)} class folders without images ({', '.join(empty[:5])}) and "
+              f"{len(dropped)} superclasses without classes ({', '.join(dropped[:5])}) of {root}", file=sys.stderr)
     return ImageDataset(root, files, labels, image_size, hflip), Hierarchy(names, superclass_names, superclass_of)
 
 

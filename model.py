@@ -505,7 +505,8 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
     if name is not None and dit_name(shape) != name:
         raise ValueError(f"{source} holds {describe_dit(shape)}, not --model {name}")
     if not (input_size or shape["input_size"]):
-        raise ValueError(f"{source} holds no pos_embed, so its image size is unknown: give --image-size")
+        raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: load it with the input size "
+                         f"(train.py: --image-size)")
     config = {k: shape[k] for k in ("depth", "hidden_size", "patch_size", "in_channels", "mlp_ratio", "learn_sigma",
                                     "norm_affine")}
     config.update(input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])

@@ -388,3 +388,16 @@ def test_toy_sets_of_two_sizes_side_by_side_and_an_interrupted_generation(tmp_pa
     assert sorted(first.files) == files and os.path.isdir(first.root) and first.root != second.root
     assert np.asarray(first[0][0]).shape == (3, 8, 8) and np.asarray(second[0][0]).shape == (3, 12, 12)
     assert sorted(os.listdir(tmp_path)) == ["12px-seed0-n32-v1", "8px-seed0-n32-v1"]
+
+
+def test_empty_class_folders_and_superclasses_are_left_out(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    write_image(str(tmp_path / "Birds" / "robin" / "0.png"), rng)
+    write_image(str(tmp_path / "Plants" / "oak" / "0.png"), rng)
+    (tmp_path / "Birds" / "wren").mkdir()
+    (tmp_path / "Fungi" / "amanita").mkdir(parents=True)
+    dataset, hierarchy = data.load_dataset("folder", str(tmp_path), 8)
+    assert hierarchy.class_names == ["robin", "oak"] and hierarchy.superclass_names == ["Birds", "Plants"]
+    assert hierarchy.class_to_superclass == [0, 1] and dataset.labels.tolist() == [0, 1]
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and "2 class folders without images" in warning and "1 superclasses" in warning

@@ -224,8 +224,9 @@ def main(argv=None):
         rows[method] = queue.get()
     full = rows.get("full", next(iter(rows.values()), None))
     if rows:
-        print("\n| method | images/s | vs full | peak memory (GiB) | vs full |" + (" MFU |" if device.type == "cuda" else "")
-              + "\n|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
+        mfu = device.type == "cuda"
+        print("\n| method | images/s | vs full | peak memory (GiB) | vs full |" + (" MFU |" if mfu else "")
+              + "\n|---|---:|---:|---:|---:|" + ("---:|" if mfu else ""))
     for method, (seconds, peak) in rows.items():
         line = (f"| {method} | {args.batch_size / seconds:.1f} | {full[0] / seconds:.2f}x | {peak:.2f} | "
                 f"{peak / full[1]:.2f}x |")
@@ -243,7 +244,7 @@ def main(argv=None):
         results = sampler_comparison(args, device)
         first = next(iter(results.values()))
         print(f"\nsamplers (FineDiffusion, guidance scale 4, batch {args.batch_size}, at their usual step counts):")
-        print("| sampler | model calls | seconds | images/s | vs " + next(iter(results)) + " |\n|---|---:|---:|---:|---:|")
+        print(f"| sampler | model calls | seconds | images/s | vs {next(iter(results))} |\n|---|---:|---:|---:|---:|")
         for name, (calls, seconds) in results.items():
             print(f"| {name} | {calls} | {seconds:.2f} | {args.batch_size / seconds:.2f} | {first[1] / seconds:.1f}x |")
 

@@ -663,7 +663,7 @@ def parse_args(argv=None):
             p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
             p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
             p.add_argument("--num-workers", type=NON_NEGATIVE, default=4, help="image decoding workers")
-            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref's kind (none: guessed)")
+            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
             p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
 
     p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, saved to an .npz")

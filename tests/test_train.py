@@ -18,8 +18,8 @@ from peft import load_model, read_checkpoint, trainable_state_dict
 
 def toy_args(toy_runs, tmp_path, *extra, base=None):
     """The toy fine-tuning run's flags (on the toy base, or `base`), writing into this test's own results folder."""
-    return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt",
-                                                  str(base or toy_runs["base"]), "--results-dir", str(tmp_path), *extra])
+    return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--results-dir",
+                                                  str(tmp_path), "--ckpt", str(base or toy_runs["base"]), *extra])
 
 
 def metrics(run_dir):

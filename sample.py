@@ -165,6 +165,9 @@ def main(args):
         raise SystemExit(f"--vae: {e}")
     if vae is None and model.in_channels != 3:
         raise SystemExit("this model works in the SD VAE's latent space: give --vae (sd-vae-ft-ema)")
+    if vae is not None and vae.latent_channels != model.in_channels:
+        raise SystemExit(f"--vae {vae_path} has {vae.latent_channels} latent channels, the model takes "
+                         f"{model.in_channels}: give the VAE it was trained with")
     guidance = args.guidance or ("fine" if model.y_embedder.num_superclasses else "cfg")
     if args.num_samples:
         args.out = args.out or "samples/" + os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))

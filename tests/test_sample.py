@@ -12,7 +12,7 @@ from PIL import Image
 
 import evaluate
 import sample
-from conftest import ROOT, write_tiny_vae
+from conftest import ROOT, fixture, write_tiny_vae
 from data import Hierarchy
 from model import DIT_CONFIGS, DiT
 from peft import read_checkpoint, save_checkpoint
@@ -68,23 +68,27 @@ def official_files(tmp_path_factory):
     affine LayerNorms, fine + superclass rows, no null row), both DiT-S/8 in the latent space of the tiny VAE, with
     non-trivial weights everywhere (adaLN-zero layers included) so that guidance has something to change."""
     root = tmp_path_factory.mktemp("official")
+    vae_config = fixture("vae_tiny.pt")["config"]
+    # 8x8 latents of the fixture's VAE: its channels, and images 2^(levels - 1) times as large
+    channels, px = vae_config["latent_channels"], 8 * 2 ** (len(vae_config["block_out_channels"]) - 1)
     torch.manual_seed(0)
-    official = DiT(input_size=8, num_classes=1000, **DIT_CONFIGS["DiT-S/8"]).eval()
+    official = DiT(input_size=8, in_channels=channels, num_classes=1000, **DIT_CONFIGS["DiT-S/8"]).eval()
     hierarchy = Hierarchy(["a", "b", "c", "d", "e"], ["P", "Q"], [0, 0, 1, 1, 1])
     hierarchy.to_json(str(root / "classes.json"))
     tiered = DiT(input_size=8, num_classes=5, num_superclasses=2, class_to_superclass=[0, 0, 1, 1, 1],
-                 null_row=False, norm_affine=True, **DIT_CONFIGS["DiT-S/8"]).eval()
+                 null_row=False, norm_affine=True, in_channels=channels, **DIT_CONFIGS["DiT-S/8"]).eval()
     with torch.no_grad():
         for p in list(official.parameters()) + list(tiered.parameters()):
             p.add_(0.05 * torch.randn_like(p))
     torch.save(official.state_dict(), root / "DiT-S-8.pt")
     torch.save(dict(model=tiered.state_dict(), ema=tiered.state_dict()), root / "finediffusion.pt")
-    return dict(root=root, official=official, tiered=tiered, vae=write_tiny_vae(root / "vae"))
+    return dict(root=root, official=official, tiered=tiered, vae=write_tiny_vae(root / "vae"), channels=channels,
+                px=px)
 
 
 def test_official_checkpoints_load_for_sampling(official_files):
     """Both load by their shapes; the FineDiffusion one needs --hierarchy for its split of rows."""
-    root, x, t = official_files["root"], torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    root, x, t = official_files["root"], torch.randn(2, official_files["channels"], 8, 8), torch.tensor([10, 500])
     for file, reference, labels, extra in [("DiT-S-8.pt", official_files["official"], torch.tensor([1, 1000]), []),
                                            ("finediffusion.pt", official_files["tiered"], torch.tensor([4, 6]),
                                             ["--hierarchy", str(root / "classes.json")])]:
@@ -115,9 +119,10 @@ def test_every_class_in_one_grid(official_files, tmp_path):
               "--hierarchy", str(official_files["root"] / "classes.json"))
     ckpt = str(official_files["root"] / "finediffusion.pt")
     grid = run(ckpt, tmp_path, "--class", "all", *common)
-    assert grid.shape == (2 + 5 * (16 + 2), 2 + 4 * (16 + 2), 3)  # 5 classes x 4 images of 16 px
+    px = official_files["px"]
+    assert grid.shape == (2 + 5 * (px + 2), 2 + 4 * (px + 2), 3)  # 5 classes x 4 images
     first = run(ckpt, tmp_path, "--class", "0", *common)
-    assert np.abs(grid[2:2 + 16, 2:2 + 16] - first[2:2 + 16, 2:2 + 16]).max() <= 1
+    assert np.abs(grid[2:2 + px, 2:2 + px] - first[2:2 + px, 2:2 + px]).max() <= 1
 
 
 def test_official_three_channels_from_the_command_line(official_files, tmp_path):
@@ -127,7 +132,7 @@ def test_official_three_channels_from_the_command_line(official_files, tmp_path)
     ckpt = str(official_files["root"] / "DiT-S-8.pt")
     all_channels = run(ckpt, tmp_path, *common)
     three = run(ckpt, tmp_path, *common, "--official-three-channels")
-    assert all_channels.shape == (2 + 2 * (16 + 2),) * 2 + (3,)  # the tiny VAE doubles the 8x8 latents
+    assert all_channels.shape == (2 + 2 * (official_files["px"] + 2),) * 2 + (3,)  # a 2x2 grid
     assert np.abs(three - all_channels).max() > 8
     at_one = [run(ckpt, tmp_path, *common, "--cfg-scale", "1", *flag) for flag in ((), ("--official-three-channels",))]
     assert np.abs(at_one[0] - at_one[1]).max() <= 1

@@ -232,28 +232,27 @@ def check_settings(args, resume, world_size):
         raise SystemExit(f"--method {args.method} fine-tunes a pre-trained model: give its --ckpt")
 
 
-def load_data(args, device, rank, world_size):
-    """(vae or None, dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels."""
+def open_vae(args, device):
+    """The VAE of --vae (None: pixel space), checked against --image-size."""
     try:
         vae = None if args.vae == "none" else load_vae(args.vae, device)
-        if vae is not None and args.image_size % vae.downsample_factor:
-            raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
-        dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e))
-    if args.latent_cache and vae is not None:
-        dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
-                                          num_workers=args.num_workers)
-    return vae, dataset, hierarchy
+        raise SystemExit(f"--vae: {e}")
+    if vae is not None and args.image_size % vae.downsample_factor:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+    return vae
 
 
-def build_model(args, hierarchy, vae):
-    """--ckpt (or a fresh DiT, from scratch) prepared for --method: (model, base config, prepare's options, base)."""
+def load_network(args, vae):
+    """The DiT to fine-tune (--ckpt) or to train from scratch, checked against the input it will see before any
+    data is read -> (model, base identity or None)."""
     channels, input_size = 3, args.image_size  # pixel space, or the VAE's latents
     if vae is not None:
         channels, input_size = vae.latent_channels, args.image_size // vae.downsample_factor
-    base = None
-    if args.ckpt:
+    if not args.ckpt:  # its one label row is a placeholder: prepare() puts in the dataset's table
+        model, base = DiT(input_size=input_size, in_channels=channels, num_classes=1,
+                          **DIT_CONFIGS[args.model or "DiT-XL/2"]), None
+    else:
         try:
             model, base = load_base(args.ckpt, input_size, args.num_heads, args.model)
         except (ValueError, FileNotFoundError) as e:
@@ -262,16 +261,28 @@ def build_model(args, hierarchy, vae):
         if model.in_channels != channels:
             raise SystemExit(f"--ckpt {args.ckpt} expects {model.in_channels} input channels, but --vae {args.vae} "
                              f"gives {channels}")
-    else:
-        model = DiT(input_size=input_size, in_channels=channels, num_classes=len(hierarchy.class_names),
-                    **DIT_CONFIGS[args.model or "DiT-XL/2"])
     if input_size % model.patch_size:
         raise SystemExit(f"--image-size {args.image_size}: the {input_size} px {'latents' if vae else 'images'} "
                          f"do not split into the model's {model.patch_size} px patches")
-    config = model.config
-    options = dict(class_to_superclass=hierarchy.class_to_superclass, num_superclasses=len(hierarchy.superclass_names),
-                   p_parent=args.p_parent, **{name: getattr(args, name) for name in METHODS[args.method].options})
-    return prepare(model, args.method, **options), config, options, base if METHODS[args.method].delta else None
+    return model, base if METHODS[args.method].delta else None
+
+
+def load_data(args, vae, rank, world_size):
+    """(dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels."""
+    try:
+        dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+    if args.latent_cache and vae is not None:
+        dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
+                                          num_workers=args.num_workers)
+    return dataset, hierarchy
+
+
+def method_options(args, hierarchy):
+    """prepare()'s arguments for --method on the dataset's classes: the hierarchy, p_parent, the method's own."""
+    return dict(class_to_superclass=hierarchy.class_to_superclass, num_superclasses=len(hierarchy.superclass_names),
+                p_parent=args.p_parent, **{name: getattr(args, name) for name in METHODS[args.method].options})
 
 
 def to_model_input(x, vae, device):
@@ -346,8 +357,11 @@ def main(args):
     check_settings(args, resume, world_size)
     torch.manual_seed(args.seed * world_size + rank)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    vae, dataset, hierarchy = load_data(args, device, rank, world_size)
-    model, dit_config, options, base = build_model(args, hierarchy, vae)
+    vae = open_vae(args, device)
+    model, base = load_network(args, vae)
+    dataset, hierarchy = load_data(args, vae, rank, world_size)
+    dit_config, options = model.config, method_options(args, hierarchy)
+    prepare(model, args.method, **options)
     if resume and (resume.base or {}).get("sha256") != (base or {}).get("sha256"):
         raise SystemExit(f"--resume: the checkpoint was trained on the base {resume.base['path']}; --ckpt "
                          f"{args.ckpt} is another file (its tensors differ)")

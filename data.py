@@ -29,7 +29,9 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -204,13 +206,18 @@ class ImageDataset(Dataset):
         # numpy arrays, not lists of str: DataLoader workers then share them without copy-on-access
         self.files, self.labels = np.asarray(files, dtype=str), np.asarray(labels, dtype=np.int64)
         self.skipped = {}  # file (as in self.files) -> why it could not be read, in this process
+        self.reported = tempfile.mkdtemp(prefix="finediffusion-reported-")  # markers all workers and epochs share
+        weakref.finalize(self, shutil.rmtree, self.reported, ignore_errors=True)
 
     def __len__(self):
         return len(self.files) * (2 if self.hflip else 1)
 
     def read(self, j):
-        """Image j -> (H, W, 3) uint8 after the centre crop; raises if the file cannot be decoded."""
+        """Image j -> (H, W, 3) uint8 after the centre crop; raises if the file cannot be decoded. One far smaller
+        than image_size (upscaled more than 2x) is used, and reported."""
         with Image.open(os.path.join(self.root, self.files[j])) as image:
+            if 2 * min(image.size) < self.image_size:
+                self.report(j, f"{image.size[0]}x{image.size[1]} px, upscaled more than 2x to {self.image_size}")
             return center_crop(image, self.image_size)
 
     def __getitem__(self, i):
@@ -221,16 +228,25 @@ class ImageDataset(Dataset):
                 pixels = self.read(k)
                 break
             except Exception as e:  # a bad file must not end a run hours in
-                self.report(k, f"{type(e).__name__}: {e}")
+                self.skip(k, f"{type(e).__name__}: {e}")
         else:
             raise RuntimeError(f"no image under {self.root} could be read: {self.skipped}")
         return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
 
-    def report(self, j, reason):
-        if self.files[j] not in self.skipped:
-            self.skipped[str(self.files[j])] = reason
-            path = os.path.join(self.root, self.files[j])
-            print(f"data: skipping unreadable image {path} ({reason})", file=sys.stderr)
+    def skip(self, j, reason):
+        """Image j cannot be read: recorded in self.skipped (of this process) and reported."""
+        self.skipped[str(self.files[j])] = reason
+        self.report(j, f"unreadable, skipped ({reason})")
+
+    def report(self, j, problem):
+        """Say once per dataset what is wrong with image j: the first process to make its marker file says it, so
+        a bad file is one line, not one per DataLoader worker and epoch."""
+        marker = os.path.join(self.reported, hashlib.sha1(str(self.files[j]).encode()).hexdigest())
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except OSError:  # said already (or the markers are gone with the dataset: nothing left to say it to)
+            return
+        print(f"data: {os.path.join(self.root, self.files[j])}: {problem}", file=sys.stderr)
 
     def fingerprint(self):
         """What a latent cache must match: the file list with labels, the image size, the flips."""
@@ -616,7 +632,7 @@ def read_images(dataset, indices=None, batch_size=64, num_workers=4, rank=0):
     for batch in tqdm(loader, desc="reading images", disable=rank != 0, dynamic_ncols=True):
         for j, pixels, reason in batch:
             if pixels is None:
-                dataset.report(j, reason)
+                dataset.skip(j, reason)
         good = [(j, pixels) for j, pixels, _ in batch if pixels is not None]
         if good:
             yield np.array([j for j, _ in good]), torch.stack([p for _, p in good])

@@ -300,6 +300,21 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, capsys):
     assert all(os.path.join(str(tmp_path), dataset.files[j]) in err for j in bad)
 
 
+def test_each_bad_or_tiny_image_is_reported_once_per_run(tmp_path, capfd):
+    """Two DataLoader workers, two epochs: one line for each unreadable file and for the 1x1 PNG that is upscaled."""
+    write_tree_with_bad_images(tmp_path)
+    write_image(str(tmp_path / "sa" / "sac1" / "3_tiny.png"), np.random.default_rng(1), size=(1, 1))
+    dataset, _ = data.load_dataset("folder", str(tmp_path), 16)
+    capfd.readouterr()
+    for epoch in range(2):
+        for _ in torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2):
+            pass
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert sorted(os.path.basename(line.split(": ")[1]) for line in lines) == [
+        "2_garbage.jpg", "2_truncated.jpg", "3_tiny.png"]
+    assert any("1x1 px, upscaled more than 2x to 16" in line for line in lines)
+
+
 # ---- the latent cache ----
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,7 @@ def number(kind=int, low=None, high=None, low_open=False):
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = number(int, 1), number(int, 0), number(float, 0.0, 1.0)
+WORKERS = min(4, len(os.sched_getaffinity(0)))  # --num-workers: what the machine has, up to 4
 
 
 def read_json(path):
@@ -161,6 +162,11 @@ class Hierarchy:
             return ids[0]
         if ids:
             raise ValueError(f"{text!r} names {len(ids)} classes: " + ", ".join(self.describe(i) for i in ids[:10]))
+        superclasses = [s for s, name in enumerate(self.superclass_names) if name_key(name) == name_key(text)]
+        if superclasses:
+            members = [i for i, s in enumerate(self.class_to_superclass) if s == superclasses[0]]
+            raise ValueError(f"{text!r} is a superclass of {len(members)} classes: give one of them: "
+                             + ", ".join(self.describe(i) for i in members[:10]) + ", ..." * (len(members) > 10))
         close = difflib.get_close_matches(name_key(text), list(self._index), n=5, cutoff=0.6)
         close_ids = list(dict.fromkeys(i for key in close for i in self._index[key]))
         hint = ("; closest: " + ", ".join(self.describe(i) for i in close_ids)) if close_ids else ""
@@ -169,6 +175,11 @@ class Hierarchy:
     def describe(self, i):
         common = f" ({self.common_names[i]})" if self.common_names[i] else ""
         return f"{i} {self.class_names[i]}{common}"
+
+    def listing(self, text=""):
+        """Lines "id name (common name) [superclass]" of the classes whose names or superclass contain `text`."""
+        lines = [f"{self.describe(i)} [{self.superclass_names[s]}]" for i, s in enumerate(self.class_to_superclass)]
+        return [line for line in lines if name_key(text) in name_key(line.split(" ", 1)[1])]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -757,7 +768,7 @@ def main(argv=None):
                                                   "toy: source/target")
     p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
     p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
-    p.add_argument("--num-workers", type=NON_NEGATIVE, default=4, help="image decoding workers")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
     p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
     args = p.parse_args(argv)
     try:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import NON_NEGATIVE, POSITIVE, Parser, load_dataset, number, read_images, read_json, to_tensor
+from data import NON_NEGATIVE, POSITIVE, WORKERS, Parser, load_dataset, number, read_images, read_json, to_tensor
 from model import check_state_dict, load_state_dict_file
 from peft import read_label_table
 
@@ -662,7 +662,7 @@ def parse_args(argv=None):
         if inception:
             p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
             p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
-            p.add_argument("--num-workers", type=NON_NEGATIVE, default=4, help="image decoding workers")
+            p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
             p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
             p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
 

@@ -363,6 +363,17 @@ def as_checkpoint(contents, source):
     return Checkpoint(**{name: contents[name] for name in names})
 
 
+def checkpoint_path(path):
+    """A checkpoint file, or a run folder of train.py -> its newest checkpoint (the highest step)."""
+    if os.path.isdir(path):
+        saved = sorted(f for f in os.listdir(os.path.join(path, "checkpoints")) if f.endswith(".pt")) \
+            if os.path.isdir(os.path.join(path, "checkpoints")) else []
+        if not saved:
+            raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no checkpoints/*.pt")
+        return os.path.join(path, "checkpoints", saved[-1])
+    return path
+
+
 def read_checkpoint(path):
     """A train.py checkpoint file -> Checkpoint."""
     contents = load_state_dict_file(path)
@@ -421,6 +432,7 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
     `base` overrides the recorded path); any other DiT file (official DiT, official FineDiffusion, safetensors) is
     loaded by model.load_dit. The model is not merged: merge(model) before sampling.
     """
+    path = checkpoint_path(path)
     contents = load_state_dict_file(path)
     if not is_train_checkpoint(contents):
         return load_dit(contents, path, input_size, class_to_superclass, num_heads, name), None
@@ -432,6 +444,7 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
 
 def read_label_table(path):
     """(label table (rows, D), hierarchy dict or None) of any checkpoint, without building its model."""
+    path = checkpoint_path(path)
     contents = load_state_dict_file(path)
     if is_train_checkpoint(contents):
         checkpoint = as_checkpoint(contents, path)

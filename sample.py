@@ -2,11 +2,12 @@
 Images of a class from a trained model, with FineDiffusion's superclass guidance (Eq. 1):
 
     python sample.py --class 412                      # the newest checkpoint under results/
+    python sample.py --list-classes monarch           # ids, names and superclasses of the classes that match
     python sample.py --class "Danaus plexippus" --n 16 --ckpt results/003-DiT-XL-2-finediffusion/checkpoints/0200000.pt
     torchrun --nproc_per_node=8 sample.py --num-samples 50000 --out samples/inat   # PNGs + .npz for evaluate.py
 
---ckpt takes our training checkpoints (a delta is combined with its base), official DiT-XL/2 files, and
-official FineDiffusion checkpoints (with --hierarchy, their class list).
+--ckpt takes our training checkpoints (a delta is combined with its base) or a run folder (its newest
+checkpoint), official DiT-XL/2 files, and official FineDiffusion checkpoints (with --hierarchy, their class list).
 """
 import glob
 import math
@@ -29,7 +30,9 @@ def parse_args(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--class", dest="cls", default=None,
                    help="class id or name (scientific or common); 'all': a grid with one row per class")
-    p.add_argument("--ckpt", default=None, help="a checkpoint (none: the newest under results/)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint or a run folder (none: the newest under results/)")
+    p.add_argument("--list-classes", nargs="?", const="", default=None, metavar="TEXT",
+                   help="print the classes (id, name, superclass) whose names contain TEXT, and stop")
     p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
@@ -80,6 +83,17 @@ def load_model(args):
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
     return peft.merge(model), hierarchy, vae
+
+
+def list_classes(args):
+    """--list-classes [TEXT]: the classes of --ckpt (or of --hierarchy) whose names or superclass contain TEXT."""
+    try:
+        hierarchy = (Hierarchy.from_json(args.hierarchy) if args.hierarchy
+                     else Hierarchy.from_dict(peft.read_checkpoint(args.ckpt).hierarchy))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--list-classes: {e} (an official checkpoint's classes come from --hierarchy)")
+    lines = hierarchy.listing(args.list_classes)
+    print("\n".join(lines) if lines else f"no class name contains {args.list_classes!r}")
 
 
 def resolve_class(model, hierarchy, cls):
@@ -156,7 +170,12 @@ def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
 
 def main(args):
     rank, world_size, device = setup_distributed()
-    args.ckpt = args.ckpt or newest_checkpoint()
+    try:
+        args.ckpt = peft.checkpoint_path(args.ckpt) if args.ckpt else newest_checkpoint()
+    except FileNotFoundError as e:
+        raise SystemExit(f"--ckpt: {e}")
+    if args.list_classes is not None:
+        return list_classes(args)
     model, hierarchy, vae_path = load_model(args)
     model.to(device).eval()
     try:

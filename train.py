@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
-    p.add_argument("--num-workers", type=data.NON_NEGATIVE, default=4, help="data loading processes per rank")
+    p.add_argument("--num-workers", type=data.NON_NEGATIVE, default=data.WORKERS, help="data loaders per rank")
     p.add_argument("--seed", type=int, default=0, help="weights of new parameters, data order, noise")
     p.add_argument("--results-dir", default="results", help="where run folders NNN-model-method are made")
     p.add_argument("--log-every", type=data.POSITIVE, default=100, help="steps between log lines")

@@ -156,3 +156,19 @@ def test_bulk_sampling_on_two_processes(toy_runs, tmp_path):
     assert len(os.listdir(out)) == 13
     read = evaluate.read_image_set(str(out) + ".npz")
     assert np.array_equal(read["labels"], labels) and read["superclass_names"] == hierarchy["superclass_names"]
+
+
+def test_list_classes_a_run_folder_and_a_superclass_name(toy_runs, tmp_path, capsys):
+    """--list-classes filters by any name; a run folder stands for its newest checkpoint; a superclass given as a
+    class says which classes it holds."""
+    hierarchy = Hierarchy.from_dict(read_checkpoint(toy_runs["checkpoint"]).hierarchy)
+    superclass = hierarchy.superclass_names[-1]
+    members = [i for i, s in enumerate(hierarchy.class_to_superclass) if s == len(hierarchy.superclass_names) - 1]
+    sample.main(sample.parse_args(["--ckpt", toy_runs["run_dir"], "--list-classes", superclass.upper()]))
+    listed = capsys.readouterr().out.strip().splitlines()
+    assert [int(line.split()[0]) for line in listed] == members and all(f"[{superclass}]" in line for line in listed)
+    with pytest.raises(SystemExit, match=f"'{superclass}' is a superclass of {len(members)} classes"):
+        run(toy_runs["run_dir"], tmp_path, "--class", superclass)
+    from_folder, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["run_dir"]]))
+    from_file, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))
+    assert all(torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), from_file.state_dict().values()))

@@ -8,7 +8,7 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
 3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
 (Table 2, parameters and training cost, is bench.py's.)
 
-    python evaluate.py ref-stats --ref-data inat --ref /data/inat2021 --ref-split val --out ref256.npz \
+    python evaluate.py ref-stats --ref-data inat --ref /data/inat2021 --ref-split val --out ref256.npz \\
         --inception pt_inception-2015-12-05-6726825d.pth  # also: --ref-data vegfru/toy, a folder tree, an .npz
     python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json

@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     p.add_argument("--num-workers", type=data.NON_NEGATIVE, default=data.WORKERS, help="data loaders per rank")
     p.add_argument("--seed", type=int, default=0, help="weights of new parameters, data order, noise")
-    p.add_argument("--results-dir", default="results", help="where run folders NNN-model-method are made")
+    p.add_argument("--results-dir", default="results", help="where run folders are made")
+    p.add_argument("--run-name", default=None, help="the run folder is results-dir/NNN-<run-name> (none: model-method)")
     p.add_argument("--log-every", type=data.POSITIVE, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=data.POSITIVE, default=10_000, help="steps between checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint of this script to continue from")
@@ -74,7 +75,7 @@ def parse_args(argv=None):
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
 RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "num_workers", "precision", "compile", "grad_checkpointing",
-             "ckpt", "results_dir")
+             "ckpt", "results_dir", "run_name")
 
 
 def resumed_args(args, resume):
@@ -193,7 +194,7 @@ def open_run(args, dit_config, rank, world_size):
             in_a_run = args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints"
             results_dir = os.path.dirname(old_run) if in_a_run and "results_dir" not in args.given else args.results_dir
             model_name = dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}"
-            run_dir = [create_run_dir(results_dir, f"{model_name.replace('/', '-')}-{args.method}")]
+            run_dir = [create_run_dir(results_dir, args.run_name or f"{model_name.replace('/', '-')}-{args.method}")]
     if world_size > 1:
         dist.broadcast_object_list(run_dir)
     return run_dir[0]

@@ -91,3 +91,14 @@ def test_a_real_process_prints_one_line(bad_files, tmp_path, script, argv):
                          cwd=tmp_path, timeout=120)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and not out.stdout, out.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py"])
+def test_help_shows_every_default(script):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    flags = out if script != "evaluate.py" else subprocess.run(  # its flags are its commands'
+        [sys.executable, os.path.join(ROOT, script), "fid", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == flags.returncode == 0 and flags.stdout.count("(default: ") >= 2, flags.stdout
+    description = out.stdout.split("\n\n", 1)[1].split("\noptions:")[0].split("\npositional arguments:")[0]
+    assert f"python {script}" in description and not description.rstrip().endswith(":")  # examples kept whole

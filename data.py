@@ -206,6 +206,24 @@ def to_tensor(pixels):
     return (x / 255 - 0.5) / 0.5
 
 
+def to_pixels(x):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy: what to_tensor undoes, rounded and clipped."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, cols=None):
+    """(N, H, W, 3) uint8 -> one PNG of `cols` columns (default: as square a grid as N allows)."""
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # The image dataset. Index i -> image i // 2, mirrored when i is odd: flips come from the index, not from a random
 # draw inside a worker. An unreadable image is reported once and replaced by the next readable one.

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import peft
-from data import NON_NEGATIVE, POSITIVE, Hierarchy, Parser, number
+from data import NON_NEGATIVE, POSITIVE, Hierarchy, Parser, number, save_grid, to_pixels
 from diffusion import SAMPLER_STEPS, check_steps, run_sampler
 from model import load_vae
 from train import setup_distributed
@@ -125,20 +125,7 @@ def generate(model, vae, labels, args, guidance, progress=True):
                     progress=progress)[: len(labels)]
     if vae is not None:
         x = vae.decode(x / vae.scaling_factor)
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, path, cols=None):
-    """(N, H, W, 3) uint8 -> one PNG of `cols` columns (default: as square a grid as N allows)."""
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    return to_pixels(x)
 
 
 def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size):

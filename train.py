@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from diffusion import create_diffusion
+from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
 from peft import (METHODS, Checkpoint, count_parameters, load_base, prepare, read_checkpoint, save_checkpoint,
                   trainable_state_dict)
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--run-name", default=None, help="the run folder is results-dir/NNN-<run-name> (none: model-method)")
     p.add_argument("--log-every", type=data.POSITIVE, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=data.POSITIVE, default=10_000, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=data.NON_NEGATIVE, default=0,
+                   help="steps between grids of the EMA model's samples in the run folder's samples/ (0: none)")
     p.add_argument("--resume", default=None, help="a checkpoint of this script to continue from")
     args = p.parse_args(argv)
     for action in p._actions:  # parsed again without defaults: which flags the command line itself set
@@ -74,8 +76,8 @@ def parse_args(argv=None):
 
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
-RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "num_workers", "precision", "compile", "grad_checkpointing",
-             "ckpt", "results_dir", "run_name")
+RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "sample_every", "num_workers", "precision", "compile",
+             "grad_checkpointing", "ckpt", "results_dir", "run_name")
 
 
 def resumed_args(args, resume):
@@ -85,7 +87,7 @@ def resumed_args(args, resume):
         flags = lambda names: ", ".join("--" + name.replace("_", "-") for name in names)
         raise SystemExit(f"--resume continues the run with its saved settings and cannot change {flags(refused)}; "
                          f"it can change {flags(RESUMABLE)}")
-    settings = dict(resume.settings, resume=args.resume, given=args.given)
+    settings = dict(vars(parse_args([])), **resume.settings, resume=args.resume, given=args.given)  # new flags: default
     changed = {name: (settings[name], getattr(args, name)) for name in args.given
                if name != "resume" and settings[name] != getattr(args, name)}
     settings.update({name: new for name, (_, new) in changed.items()})
@@ -323,6 +325,26 @@ def batches(dataset, args, step, rank, world_size, device):
         epoch, skip = epoch + 1, 0
 
 
+@torch.no_grad()
+def write_samples(model, ema, vae, path):
+    """A grid of what the EMA weights draw, a row per class (up to 8, spread over the label table), 2 images each:
+    fixed noise from a generator of its own (so grids compare across steps and the training's random stream is left
+    alone), the method's guidance at scale 4, 10 DPM-Solver++ steps."""
+    embedder, device = model.y_embedder, model.pos_embed.device
+    classes = torch.linspace(0, embedder.num_classes - 1, min(8, embedder.num_classes)).round().long()
+    labels = classes.repeat_interleave(2)
+    z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size,
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    model.load_state_dict(ema, strict=False)
+    model_fn, copies = model.guided(labels.to(device), "fine" if embedder.num_superclasses else "cfg", 4.0)
+    x = run_sampler("dpm++", model_fn, z.repeat(copies, 1, 1, 1), steps=10, progress=False)[: len(labels)]
+    data.save_grid(data.to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x), path, cols=2)
+    model.load_state_dict(trained, strict=False)
+    model.train()
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -441,6 +463,9 @@ def main(args):
                 log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
                     f"{metrics['images_per_s']:.1f} images/s", **metrics)
                 timer, logged_steps, running_loss = time.time(), 0, 0.0
+            if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+                write_samples(model, ema, vae, os.path.join(run_dir, "samples", f"{step:07d}.png"))
+                log(f"samples at step {step}: {run_dir}/samples/{step:07d}.png")
             if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
                 last_saved = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
                 save(last_saved)

@@ -313,3 +313,18 @@ def test_stale_temporaries_are_removed_on_resume(toy_runs, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000004.pt"), "--max-steps", "5"]))
     assert not stale.exists() and (run_dir / "checkpoints" / "0000005.pt").exists()
+
+
+def test_sample_grids_are_comparable_and_leave_training_alone(toy_runs, tmp_path):
+    """--sample-every: grids from fixed noise, the same in two runs of the same seed; the weights trained are those of
+    a run without grids (the grids draw nothing from the training's random stream)."""
+    grids, weights = [], []
+    for name, extra in (("a", ["--sample-every", "2"]), ("b", ["--sample-every", "2"]), ("c", [])):
+        _, run_dir = train.main(toy_args(toy_runs, tmp_path / name, "--max-steps", "3", *extra))
+        weights.append(read_checkpoint(os.path.join(run_dir, "checkpoints", "0000003.pt")).ema)
+        if extra:
+            assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["0000002.png", "0000003.png"]
+            assert "samples at step 2: " in open(os.path.join(run_dir, "log.txt")).read()
+            grids.append(open(os.path.join(run_dir, "samples", "0000002.png"), "rb").read())
+    assert grids[0] == grids[1]
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[2])

@@ -544,6 +544,15 @@ def draw_toy_image(superclass, variant, rng, size):
     return Image.fromarray((pixels + rng.normal(0, 3, pixels.shape)).round().clip(0, 255).astype(np.uint8))
 
 
+def remove_stale_temporaries(pattern):
+    """Remove the files or folders matching `pattern` named <what>.<pid>.tmp whose process no longer runs: what a
+    kill leaves of a write that renames its temporary into place (toy sets here, checkpoints in train.py)."""
+    for path in glob.glob(pattern):
+        pid = path.rsplit(".", 2)[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
 def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
     """
     The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version>, holding source/ and
@@ -556,10 +565,7 @@ def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
     if os.path.isdir(folder):
         return folder
     os.makedirs(root, exist_ok=True)
-    for stale in glob.glob(os.path.join(root, ".*.tmp")):  # interrupted generations: pid no longer running
-        pid = stale.rsplit(".", 2)[-2]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(os.path.join(root, ".*.tmp"))  # interrupted generations
     tmp = os.path.join(root, f".{os.path.basename(folder)}.{os.getpid()}.tmp")
     for split, classes in TOY_SPLITS.items():
         for s, v in tqdm(classes, desc=f"toy {split}", leave=False):

@@ -258,8 +258,6 @@ def sample_dpm_solver(model, x, diffusion, model_kwargs=None, progress=True, ste
 # The samplers by name, as the command lines offer them, with their usual step counts
 
 SAMPLER_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20}  # DiT's and FineDiffusion's 250; the usual 50 and 20
-
-
 STEP_RANGES = {"ddpm": (2, 1000), "ddim": (2, 1000), "dpm++": (1, 999)}  # what each can do on 1000 steps
 
 

@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (LABEL_TABLE_KEY, DiT, TieredEmbedder, describe_dit, dit_name, dit_state_dict, load_dit,
-                   load_state_dict_file)
+from model import LABEL_TABLE_KEY, DiT, TieredEmbedder, dit_name, dit_state_dict, load_dit, load_state_dict_file
 
 DIFFFIT_BLOCKS = 14  # DiffFit Table 4b: gammas in blocks 1..14 of DiT-XL/2's 28
 

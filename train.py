@@ -11,7 +11,6 @@ and every rank's RNG state, and are written atomically; --resume continues bit-e
 log.txt and metrics.jsonl (one JSON line per logged step: what bench.py's Table 2 reads).
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -28,8 +27,8 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, Checkpoint, count_parameters, load_base, prepare, read_checkpoint, save_checkpoint,
-                  trainable_state_dict)
+from peft import (METHODS, Checkpoint, checkpoint_path, count_parameters, load_base, prepare, read_checkpoint,
+                  save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -115,7 +114,7 @@ MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high ge
 
 def step_health(loss, params, stop, world_size):
     """After an update: (mean loss over ranks, did it diverge, was a stop requested), agreed by every rank through
-    one all-reduce of three scalars per step (its cost). Diverged: a non-finite loss or weight, or a weight beyond
+    one all-reduce of three scalars per step; with one read of the trained weights, that is its cost. Diverged: a non-finite loss or weight, or a weight beyond
     MAX_WEIGHT."""
     largest = torch.nn.utils.get_total_norm([p.detach() for p in params], norm_type=math.inf)
     bad = ~torch.isfinite(largest) | (largest > MAX_WEIGHT) | ~torch.isfinite(loss.detach())
@@ -157,8 +156,8 @@ def continues_in_place(checkpoint):
     """A resume writes on in its checkpoint's run folder when that checkpoint is the newest there; from an earlier
     one, or one copied out of its run, it branches into a new folder, so no checkpoint is ever overwritten."""
     folder = os.path.dirname(os.path.abspath(checkpoint))
-    saved = sorted(glob.glob(os.path.join(folder, "[0-9]*.pt")))
-    return os.path.basename(folder) == "checkpoints" and saved and os.path.samefile(saved[-1], checkpoint)
+    return os.path.basename(folder) == "checkpoints" and os.path.samefile(
+        checkpoint_path(os.path.dirname(folder)), checkpoint)
 
 
 def create_run_dir(results_dir, name):
@@ -176,14 +175,6 @@ def create_run_dir(results_dir, name):
         return run_dir
 
 
-def remove_stale_temporaries(run_dir):
-    """Half-written checkpoints (NNN.pt.<pid>.tmp) of processes that no longer run: what a kill mid-save leaves."""
-    for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt.*.tmp")):
-        pid = path.rsplit(".", 2)[-2]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            os.remove(path)
-
-
 def open_run(args, dit_config, rank, world_size):
     """The run folder (rank 0 decides, every rank learns it): the resumed run's, or a new one."""
     run_dir = [None]
@@ -191,7 +182,7 @@ def open_run(args, dit_config, rank, world_size):
         old_run = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) if args.resume else None
         if args.resume and continues_in_place(args.resume):
             run_dir = [old_run]
-            remove_stale_temporaries(run_dir[0])
+            data.remove_stale_temporaries(os.path.join(run_dir[0], "checkpoints", "*.pt.*.tmp"))  # killed saves
         else:  # a new run, or a branch: beside the run it continues unless --results-dir says where
             in_a_run = args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints"
             results_dir = os.path.dirname(old_run) if in_a_run and "results_dir" not in args.given else args.results_dir

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from data import NON_NEGATIVE, POSITIVE, Parser, number
+from data import NON_NEGATIVE, POSITIVE, Parser, number, run_script
 from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
 from model import DIT_CONFIGS, AutoencoderKL, DiT
 from peft import METHODS, merge, parameter_table, prepare
@@ -250,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,7 +36,7 @@ import weakref
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -58,7 +58,43 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see --help)\n" if is_rank_zero() else None)
+
+
+def is_rank_zero():
+    """Whether this process speaks for the run: under torchrun only rank 0 does (RANK is set before any
+    process group exists, so this holds while the arguments are parsed too)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_script(main):
+    """A script's entry point. A user's mistake (a SystemExit with a message) is printed once, by rank 0 under
+    torchrun, and every rank leaves its process group and exits with code 1: one line, not one per rank."""
+    try:
+        main()
+    except SystemExit as e:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if not isinstance(e.code, str):
+            raise
+        if is_rank_zero():
+            print(e.code, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def new_file(path, flag=None, companions=()):
+    """Where a script may write without overwriting anything: path, and path + each suffix of `companions` (files
+    written beside it). A path the user gave (named by `flag`) that is taken is refused in one line; a default one
+    becomes name-1.ext, name-2.ext, ... (the first that is free)."""
+    taken = lambda p: any(os.path.exists(p + suffix) for suffix in ("",) + tuple(companions))
+    if flag and taken(path):
+        raise SystemExit(f"{flag} {path} exists and is not overwritten: give a new path, or move the old one away")
+    stem, ext = os.path.splitext(path)
+    k = 0
+    while taken(path):
+        k += 1
+        path = f"{stem}-{k}{ext}"
+    return path
 
 
 def number(kind=int, low=None, high=None, low_open=False):
@@ -211,17 +247,35 @@ def to_pixels(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path, cols=None):
-    """(N, H, W, 3) uint8 -> one PNG of `cols` columns (default: as square a grid as N allows)."""
+def save_grid(images, path, cols=None, row_names=None, titles=None):
+    """(N, H, W, 3) uint8 -> one PNG, `cols` images a row (default: as square a grid as N allows) -> the top-left
+    corner (x, y) of each image in it. With row_names each row starts with its name; with titles the columns fall
+    into len(titles) equal groups, each under its title, apart by a gap. A labelled grid enlarges images under
+    48 px (nearest neighbour) so that they stand beside legible text."""
     n, h, w, _ = images.shape
+    labelled = bool(row_names or titles)
+    zoom = max(1, math.ceil(48 / h)) if labelled else 1
+    h, w = h * zoom, w * zoom
     cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
+    rows, groups, pad = math.ceil(n / cols), len(titles or [None]), 2
+    font = ImageFont.load_default(size=max(12, min(24, h // 4)))
+    left = max((font.getlength(name) for name in row_names), default=0) + 4 * pad if row_names else 0
+    top = font.size + 4 * pad if titles else 0
+    gap = w // 2 if groups > 1 else 0
+    corners = [(round(left) + pad + c * (w + pad) + c * groups // cols * gap, top + pad + r * (h + pad))
+               for r, c in (divmod(i, cols) for i in range(n))]
+    canvas = Image.new("RGB", (round(left) + pad + cols * (w + pad) + (groups - 1) * gap, top + pad + rows * (h + pad)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for image, corner in zip(images, corners):
+        canvas.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), corner)
+    for r, name in enumerate(row_names or []):
+        draw.text((pad, corners[r * cols][1] + h / 2), name, fill="black", font=font, anchor="lm")
+    for g, title in enumerate(titles or []):
+        draw.text((corners[g * cols // groups][0], pad), title, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    canvas.save(path)
+    return corners
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -504,6 +558,12 @@ TOY_SUPERCLASSES = [  # name, shape, hue, background
 TOY_VARIANTS = [(0.00, 1, 0), (0.06, 1, 1), (0.00, 2, 2), (0.06, 2, 3), (0.03, 3, 0), (0.03, 3, 3)]
 TOY_SPLITS = {"source": [(s, v) for s in range(3) for v in range(4)],
               "target": [(s, v) for s in range(3) for v in (4, 5)] + [(3, v) for v in range(4)]}
+
+
+def toy_superclass_color(name):
+    """The colour of a toy superclass's objects, as RGB 0..255 (figures use it), or None for other names."""
+    hues = {superclass[0]: superclass[2] for superclass in TOY_SUPERCLASSES}
+    return tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hues[name], 0.8, 0.85)) if name in hues else None
 
 
 def draw_toy_image(superclass, variant, rng, size):
@@ -816,4 +876,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

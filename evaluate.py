@@ -13,7 +13,7 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
     python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
     python evaluate.py table r.json                       # Table 1 as markdown
-    python evaluate.py tsne --checkpoint ckpt.pt --out figure7.png
+    python evaluate.py tsne --checkpoint results/001-DiT-XL-2-finediffusion   # Figure 7, into the run folder
 """
 import colorsys
 import json
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import NON_NEGATIVE, POSITIVE, WORKERS, Parser, load_dataset, number, read_images, read_json, to_tensor
+from data import (NON_NEGATIVE, POSITIVE, WORKERS, Parser, load_dataset, new_file, number, read_images, read_json,
+                  run_script, to_tensor, toy_superclass_color)
 from model import check_state_dict, load_state_dict_file
-from peft import read_label_table
+from peft import checkpoint_path, read_label_table, run_folder
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -566,10 +567,12 @@ def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_optio
     return y[:c], y[c:c + num_superclasses], y[c + num_superclasses:]
 
 
-def superclass_colors(count):
-    """Distinct colours: hues spread evenly, alternating value so neighbouring hues stay apart."""
-    return [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / count, 0.8, 0.95 if i % 2 else 0.7))
-            for i in range(count)]
+def superclass_colors(names):
+    """A colour per superclass: its colour in the images where it has one (the toy set's), else hues spread evenly,
+    alternating value so neighbouring hues stay apart."""
+    palette = [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / len(names), 0.8, 0.95 if i % 2 else 0.7))
+               for i in range(len(names))]
+    return [toy_superclass_color(name) or color for name, color in zip(names, palette)]
 
 
 def draw_marker(draw, center, kind, size, color):
@@ -589,20 +592,22 @@ def draw_marker(draw, center, kind, size, color):
 
 def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclass_names, path, size=(1400, 1000),
                  title="t-SNE of label embeddings"):
-    """Draw the embedding as a PNG: the plot on the left, a legend on the right."""
+    """Draw the embedding as a PNG: the plot on the left, filling its area (t-SNE's axes carry no unit, so each
+    is stretched on its own), a legend on the right."""
     width, height = size
     font_px = max(12, height // 60)
     font = ImageFont.load_default(size=font_px)
     legend_width, margin = width // 4, 30
+    r = max(1.5, min(5.0, 150 / math.sqrt(len(fine_xy))))  # dots shrink as classes grow in number
+    inset = 4 * r + 4  # a star's or a cross's half width: markers at the edge stay whole
     points = np.concatenate([fine_xy, mean_xy, superclass_xy])
     lo, span = points.min(axis=0), np.ptp(points, axis=0).clip(min=1e-12)
-    scale = min((width - legend_width - 2 * margin) / span[0], (height - 3 * margin) / span[1])  # keep aspect
-    to_pixels = lambda xy: [(margin + (x - lo[0]) * scale, 2 * margin + (y - lo[1]) * scale) for x, y in xy]
-    colors = superclass_colors(len(superclass_names))
+    scale = np.array([width - legend_width - 2 * margin, height - 3 * margin]) - 2 * inset
+    to_pixels = lambda xy: [(margin + inset + u, 2 * margin + inset + v) for u, v in (xy - lo) / span * scale]
+    colors = superclass_colors(superclass_names)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((margin, margin // 2), title, fill="black", font=font)
-    r = max(1.5, min(5.0, 150 / math.sqrt(len(fine_xy))))  # dots shrink as classes grow in number
     for center, s in zip(to_pixels(fine_xy), class_to_superclass):
         draw_marker(draw, center, "dot", r, colors[s])
     for s, (mean, row) in enumerate(zip(to_pixels(mean_xy), to_pixels(superclass_xy))):
@@ -688,7 +693,7 @@ def parse_args(argv=None):
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint or an official FineDiffusion one")
     p.add_argument("--class-map", default=None, help="hierarchy JSON (none: the checkpoint's own)")
-    p.add_argument("--out", default="figure7.png", help="the PNG to write")
+    p.add_argument("--out", default=None, help="the PNG to write (none: tsne.png in the checkpoint's run folder)")
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
     p.add_argument("--seed", type=int, default=0, help="t-SNE's starting positions")
@@ -701,7 +706,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-
+        if args.command == "ref-stats":
+            new_file(args.out, "--out")  # refused now, not after hours of Inception
         if args.command in ("ref-stats", "fid"):
             inception = load_inception(args.inception, args.device)
             options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
@@ -735,7 +741,10 @@ def main(argv=None):
         elif args.command == "table":
             print(results_table([read_json(path) for path in args.results]))
         elif args.command == "tsne":
-            table, hierarchy = read_label_table(args.checkpoint)
+            checkpoint = checkpoint_path(args.checkpoint)
+            out = new_file(args.out, "--out") if args.out else new_file(
+                os.path.join(run_folder(checkpoint) or ".", "tsne.png"))
+            table, hierarchy = read_label_table(checkpoint)
             if (args.class_map or hierarchy) is None:
                 raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
             class_to_superclass, names = read_class_map(args.class_map or hierarchy)
@@ -747,12 +756,13 @@ def main(argv=None):
             fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
                                                            perplexity=args.perplexity, iterations=args.iterations,
                                                            seed=args.seed, device=args.device)
-            draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, args.out, tuple(args.size),
-                         title=f"t-SNE of label embeddings: {os.path.basename(args.checkpoint)}")
-            print(f"saved {args.out}")
+            name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
+            draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
+                         title=f"t-SNE of label embeddings: {name}")
+            print(f"saved {out}")
     except (ValueError, FileNotFoundError) as e:  # what the files given say is wrong with them, in one line
         raise SystemExit(str(e).replace("\n", " "))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

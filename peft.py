@@ -362,8 +362,12 @@ def as_checkpoint(contents, source):
     return Checkpoint(**{name: contents[name] for name in names})
 
 
-def checkpoint_path(path):
-    """A checkpoint file, or a run folder of train.py -> its newest checkpoint (the highest step)."""
+def checkpoint_path(path, results_dir="results"):
+    """A checkpoint file; or a run folder of train.py, or a run's name (its --run-name or model-method: the
+    highest-numbered results_dir/NNN-<name>) -> its newest checkpoint (the highest step)."""
+    if not os.path.exists(path) and os.path.isdir(results_dir):
+        runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [path]]
+        path = os.path.join(results_dir, max(runs, key=lambda e: int(e.split("-", 1)[0]))) if runs else path
     if os.path.isdir(path):
         saved = sorted(f for f in os.listdir(os.path.join(path, "checkpoints")) if f.endswith(".pt")) \
             if os.path.isdir(os.path.join(path, "checkpoints")) else []
@@ -371,6 +375,12 @@ def checkpoint_path(path):
             raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no checkpoints/*.pt")
         return os.path.join(path, "checkpoints", saved[-1])
     return path
+
+
+def run_folder(checkpoint):
+    """The train.py run folder a checkpoint file lies in (<run>/checkpoints/<step>.pt), or None outside one."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
 
 
 def read_checkpoint(path):

@@ -3,11 +3,13 @@ Images of a class from a trained model, with FineDiffusion's superclass guidance
 
     python sample.py --class 412                      # the newest checkpoint under results/
     python sample.py --list-classes monarch           # ids, names and superclasses of the classes that match
-    python sample.py --class "Danaus plexippus" --n 16 --ckpt results/003-DiT-XL-2-finediffusion/checkpoints/0200000.pt
+    python sample.py --class "Danaus plexippus" --n 16 --ckpt results/003-DiT-XL-2-finediffusion
+    python sample.py --class all --n 6 --guidance fine none --with-data   # every class: data, fine, unguided
     torchrun --nproc_per_node=8 sample.py --num-samples 50000 --out samples/inat   # PNGs + .npz for evaluate.py
 
 --ckpt takes our training checkpoints (a delta is combined with its base) or a run folder (its newest
 checkpoint), official DiT-XL/2 files, and official FineDiffusion checkpoints (with --hierarchy, their class list).
+Images go to the samples/ folder of the checkpoint's run unless --out says where; nothing is overwritten.
 """
 import glob
 import math
@@ -20,7 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import peft
-from data import NON_NEGATIVE, POSITIVE, Hierarchy, Parser, number, save_grid, to_pixels
+from data import (NON_NEGATIVE, POSITIVE, Hierarchy, Parser, load_dataset, new_file, number, run_script,
+                  save_grid, to_pixels)
 from diffusion import SAMPLER_STEPS, check_steps, run_sampler
 from model import load_vae
 from train import setup_distributed
@@ -39,8 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--n", type=POSITIVE, default=8, help="images of --class (per class with --class all)")
     p.add_argument("--seed", type=int, default=0, help="the noise")
     p.add_argument("--cfg-scale", type=number(float), default=4.0, help="guidance scale w of Eq. 1 (1: no guidance)")
-    p.add_argument("--guidance", default=None, choices=["fine", "cfg", "none"],
-                   help="fine: superclass guidance (default for tiered models); cfg: the null label")
+    p.add_argument("--guidance", nargs="+", default=None, choices=["fine", "cfg", "none"],
+                   help="fine: superclass guidance (default for tiered models); cfg: the null label; several: side "
+                        "by side, from the same noise")
+    p.add_argument("--with-data", action="store_true",
+                   help="grids start with training images of each class (from the data the checkpoint names)")
     p.add_argument("--official-three-channels", action="store_true", help="guide eps channels 0..2 only, as DiT")
     p.add_argument("--sampler", default="ddpm", choices=list(SAMPLER_STEPS),
                    help="ddpm: the paper's; ddim: deterministic; dpm++: DPM-Solver++(2M), as diffusers' DiTPipeline")
@@ -48,7 +54,8 @@ def parse_args(argv=None):
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
     p.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="bulk: this many images over all classes")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per process per batch")
-    p.add_argument("--out", default=None, help="the grid PNG, or the folder of a bulk run")
+    p.add_argument("--out", default=None,
+                   help="the grid PNG, or the folder of a bulk run (none: in the samples/ folder of the run)")
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:
         args.num_sampling_steps = SAMPLER_STEPS[args.sampler]
@@ -72,7 +79,7 @@ def newest_checkpoint(results_dir="results"):
 
 def load_model(args):
     """--ckpt (a delta on its base, our full checkpoints, official DiT and FineDiffusion files) -> (merged model,
-    hierarchy or None, VAE path or None)."""
+    hierarchy or None, VAE path or None, our Checkpoint or None)."""
     try:
         hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
         model, checkpoint = peft.load_model(args.ckpt, args.base,
@@ -82,7 +89,15 @@ def load_model(args):
     vae = args.vae
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
-    return peft.merge(model), hierarchy, vae
+    return peft.merge(model), hierarchy, vae, checkpoint
+
+
+def output_path(args, name, companions=()):
+    """--out, or `name` in the samples/ folder of the checkpoint's run (of the working directory for a checkpoint
+    outside any run); never a path that is taken."""
+    if args.out:
+        return new_file(args.out.rstrip("/"), "--out", companions)
+    return new_file(os.path.join(peft.run_folder(args.ckpt) or ".", "samples", name), companions=companions)
 
 
 def list_classes(args):
@@ -128,9 +143,55 @@ def generate(model, vae, labels, args, guidance, progress=True):
     return to_pixels(x)
 
 
+def training_images(checkpoint, path, classes, n):
+    """The first n training images of each class, as train.py read them (unmirrored) -> (len(classes) * n, H, W, 3);
+    white where a class has fewer."""
+    settings = checkpoint.data
+    try:
+        dataset, _ = load_dataset(settings["kind"], settings["path"], settings["image_size"], split=settings["split"])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--with-data: the training data of {path} cannot be read: {e}")
+    blank = np.full((settings["image_size"], settings["image_size"], 3), 255, dtype=np.uint8)
+    return np.stack([dataset.read(j) if j is not None else blank for c in classes
+                     for j in (list(np.flatnonzero(dataset.labels == c)[:n]) + [None] * n)[:n]])
+
+
+def sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device):
+    """--class (an id, a name or 'all'): a row of --n images per class, a block per guidance (same noise in each),
+    led by training images with --with-data."""
+    if args.cls == "all":  # one row per class
+        classes, stem = list(range(model.y_embedder.num_classes)), "all"
+    else:
+        classes = [resolve_class(model, hierarchy, args.cls)]
+        stem = f"{classes[0]:05d}"
+    if args.with_data and checkpoint is None:
+        raise SystemExit("--with-data: an official checkpoint does not say what it was trained on")
+    out = output_path(args, "-".join([stem] + (["data"] if args.with_data else []) + guidances) + ".png")
+    names = [hierarchy.class_names[c] if hierarchy is not None else f"class {c}" for c in classes]
+    labels = torch.tensor(classes).repeat_interleave(args.n).to(device)
+    blocks, titles = [], []
+    if args.with_data:
+        blocks.append(training_images(checkpoint, args.ckpt, classes, args.n))
+        titles.append("training images")
+    for guidance in guidances:
+        torch.manual_seed(args.seed)
+        blocks.append(generate(model, vae, labels, args, guidance))
+        titles.append("no guidance" if guidance == "none" else f"{guidance} guidance, w={args.cfg_scale:g}")
+    rows = np.concatenate([b.reshape(len(classes), args.n, *b.shape[1:]) for b in blocks], axis=1)  # (C, B*n, ...)
+    labelled = len(blocks) > 1 or len(classes) > 1
+    save_grid(rows.reshape(-1, *rows.shape[2:]), out, cols=args.n * len(blocks) if labelled else None,
+              row_names=names if labelled else None, titles=titles if len(blocks) > 1 else None)
+    print(f"{args.n} images of {names[0] if len(classes) == 1 else 'every class'} ({', '.join(titles)}; "
+          f"{args.sampler} {args.num_sampling_steps} steps) -> {out}")
+    return out
+
+
 def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size):
     """Classes evenly over --num-samples; batch b is seeded by b, so the images do not depend on the world size."""
-    os.makedirs(args.out, exist_ok=True)
+    out = output_path(args, "bulk", companions=(".npz",))
+    if world_size > 1:  # every rank chose the same free path before any rank takes it
+        dist.barrier()
+    os.makedirs(out, exist_ok=True)
     num_classes = model.y_embedder.num_classes
     num_batches = math.ceil(args.num_samples / args.batch_size)
     for b in tqdm(range(rank, num_batches, world_size), disable=rank != 0, desc="batches"):
@@ -138,24 +199,25 @@ def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
         torch.manual_seed(args.seed * num_batches + b)
         images = generate(model, vae, (indices % num_classes).to(device), args, guidance, progress=False)
         for i, image in zip(indices.tolist(), images):
-            Image.fromarray(image).save(os.path.join(args.out, f"{i:06d}.png"))
+            Image.fromarray(image).save(os.path.join(out, f"{i:06d}.png"))
     if world_size > 1:
         dist.barrier()
     if rank == 0:  # the layout of ADM's evaluation suite and DiT's sample_ddp.py, plus our labels
         labels = np.arange(args.num_samples) % num_classes
-        images = np.stack([np.asarray(Image.open(os.path.join(args.out, f"{i:06d}.png")))
+        images = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png")))
                            for i in tqdm(range(args.num_samples), desc="npz")])
         extra = {}
         if hierarchy is not None:
             extra = dict(superclass_labels=np.asarray(hierarchy.class_to_superclass)[labels],
                          class_names=np.asarray(hierarchy.class_names),
                          superclass_names=np.asarray(hierarchy.superclass_names))
-        path = args.out.rstrip("/") + ".npz"
-        np.savez(path, arr_0=images, labels=labels, **extra)
-        print(f"wrote {args.num_samples} samples to {args.out}/ and {path} ({images.shape})")
+        np.savez(out + ".npz", arr_0=images, labels=labels, **extra)
+        print(f"wrote {args.num_samples} samples to {out}/ and {out}.npz ({images.shape})")
+    return out
 
 
 def main(args):
+    """-> the grid, or the folder of a bulk run, it wrote."""
     rank, world_size, device = setup_distributed()
     try:
         args.ckpt = peft.checkpoint_path(args.ckpt) if args.ckpt else newest_checkpoint()
@@ -163,7 +225,11 @@ def main(args):
         raise SystemExit(f"--ckpt: {e}")
     if args.list_classes is not None:
         return list_classes(args)
-    model, hierarchy, vae_path = load_model(args)
+    if args.num_samples and len(args.guidance or []) > 1:
+        raise SystemExit("--guidance: a bulk run (--num-samples) samples with one guidance")
+    if not args.num_samples and args.cls is None:
+        raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
+    model, hierarchy, vae_path, checkpoint = load_model(args)
     model.to(device).eval()
     try:
         vae = load_vae(vae_path, device) if vae_path not in (None, "none") else None
@@ -174,28 +240,15 @@ def main(args):
     if vae is not None and vae.latent_channels != model.in_channels:
         raise SystemExit(f"--vae {vae_path} has {vae.latent_channels} latent channels, the model takes "
                          f"{model.in_channels}: give the VAE it was trained with")
-    guidance = args.guidance or ("fine" if model.y_embedder.num_superclasses else "cfg")
+    guidances = args.guidance or ["fine" if model.y_embedder.num_superclasses else "cfg"]
     if args.num_samples:
-        args.out = args.out or "samples/" + os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))
-        sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
+        out = sample_bulk(model, vae, hierarchy, args, guidances[0], device, rank, world_size)
     else:
-        if args.cls is None:
-            raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
-        if args.cls == "all":  # one row per class
-            classes, name, stem = torch.arange(model.y_embedder.num_classes), "every class", "all"
-        else:
-            cls = resolve_class(model, hierarchy, args.cls)
-            classes, stem = torch.tensor([cls]), f"{cls:05d}"
-            name = hierarchy.class_names[cls] if hierarchy is not None else f"class {cls}"
-        torch.manual_seed(args.seed)
-        images = generate(model, vae, classes.repeat_interleave(args.n).to(device), args, guidance)
-        args.out = args.out or f"samples/{stem}-{guidance}.png"
-        save_grid(images, args.out, cols=args.n if len(classes) > 1 else None)
-        how = "no guidance" if guidance == "none" else f"{guidance} guidance, scale {args.cfg_scale}"
-        print(f"{args.n} images of {name} ({how}, {args.sampler} {args.num_sampling_steps} steps) -> {args.out}")
+        out = sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device)
     if world_size > 1:
         dist.destroy_process_group()
+    return out
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(lambda: main(parse_args()))

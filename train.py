@@ -3,7 +3,7 @@ Fine-tune a pre-trained DiT with any method of peft.py (or train one from scratc
 
     torchrun --nproc_per_node=8 train.py --method finediffusion --data inat --data-path /data/inat2021 \\
         --ckpt pretrained/DiT-XL-2-256x256.pt --vae pretrained/sd-vae-ft-ema
-    python train.py --data toy --split source --method full --model DiT-T/4 --image-size 32 --vae none
+    python train.py --toy            # the README's two-stage toy experiment on a CPU, in one command (~7 min)
 
 torch.distributed DDP directly (nccl on GPUs, gloo on CPU); frozen parameters get no gradients, no optimizer
 state and no all-reduce. Checkpoints (peft.py's format) hold only what the method trains, plus EMA, optimizer, step
@@ -11,6 +11,7 @@ and every rank's RNG state, and are written atomically; --resume continues bit-e
 log.txt and metrics.jsonl (one JSON line per logged step: what bench.py's Table 2 reads).
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -28,13 +29,14 @@ import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
 from peft import (METHODS, Checkpoint, checkpoint_path, count_parameters, load_base, prepare, read_checkpoint,
-                  save_checkpoint, trainable_state_dict)
+                  run_folder, save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
     p = data.Parser(description=__doc__)
     p.add_argument("--method", default="finediffusion", choices=list(METHODS), help="what trains (peft.METHODS)")
-    p.add_argument("--ckpt", default=None, help="base DiT checkpoint (.pt/.safetensors); none: train from scratch")
+    p.add_argument("--ckpt", default=None,
+                   help="base DiT: a checkpoint (.pt/.safetensors), a run folder or a run's name; none: from scratch")
     p.add_argument("--model", default=None, choices=list(DIT_CONFIGS),
                    help="with --ckpt: checked against the file (any DiT shape loads); without: DiT-XL/2 if not given")
     p.add_argument("--num-heads", type=data.POSITIVE, default=None,
@@ -61,17 +63,39 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=data.NON_NEGATIVE, default=data.WORKERS, help="data loaders per rank")
     p.add_argument("--seed", type=int, default=0, help="weights of new parameters, data order, noise")
     p.add_argument("--results-dir", default="results", help="where run folders are made")
-    p.add_argument("--run-name", default=None, help="the run folder is results-dir/NNN-<run-name> (none: model-method)")
+    p.add_argument("--run-name", default=None,
+                   help="the run folder is results-dir/NNN-<run-name> (none: model-method); --ckpt, --resume and the "
+                        "other scripts take the name for the newest such run")
     p.add_argument("--log-every", type=data.POSITIVE, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=data.POSITIVE, default=10_000, help="steps between checkpoints")
     p.add_argument("--sample-every", type=data.NON_NEGATIVE, default=0,
                    help="steps between grids of the EMA model's samples in the run folder's samples/ (0: none)")
-    p.add_argument("--resume", default=None, help="a checkpoint of this script to continue from")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint of this script to continue from (a run folder or name: its newest)")
+    p.add_argument("--toy", action="store_true",
+                   help="the toy experiment: pre-train a toy base for 2x --max-steps (once: a finished one in "
+                        "--results-dir is reused), fine-tune it with --method on the toy target split, then draw "
+                        "its samples and t-SNE into the run folder; the flags given override " + ", ".join(
+                            f"--{k.replace('_', '-')} {v}" for k, v in TOY_FINE_TUNE.items()) + ", --lr 1e-2 (full: "
+                        "1e-3) and --run-name toy-<method>")
     args = p.parse_args(argv)
     for action in p._actions:  # parsed again without defaults: which flags the command line itself set
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
+    if args.toy:
+        if args.resume or "RANK" in os.environ:
+            p.error("--toy starts a new experiment in one process: give it without --resume and without torchrun")
+        toy_settings = dict(TOY_FINE_TUNE, lr=1e-3 if args.method == "full" else 1e-2, run_name=f"toy-{args.method}")
+        vars(args).update({k: v for k, v in toy_settings.items() if k not in args.given})
     return args
+
+
+# --toy: the settings of the README's toy experiment (a flag given on the command line overrides them). The base
+# trains from scratch on the source split; the fine-tune learns the target split's new classes.
+TOY_FINE_TUNE = dict(data="toy", split="target", model="DiT-T/2", image_size=16, vae="none", global_batch_size=64,
+                     max_steps=600, ema_decay=0.99, num_workers=0, sample_every=100)
+TOY_BASE = dict(TOY_FINE_TUNE, split="source", method="full", lr=1e-3, sample_every=0, run_name="toy-base")
+TOY_SHARED = ("data_path", "results_dir", "model", "image_size", "num_workers", "precision", "seed")  # flags: both
 
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
@@ -155,9 +179,8 @@ def rng_states(world_size):
 def continues_in_place(checkpoint):
     """A resume writes on in its checkpoint's run folder when that checkpoint is the newest there; from an earlier
     one, or one copied out of its run, it branches into a new folder, so no checkpoint is ever overwritten."""
-    folder = os.path.dirname(os.path.abspath(checkpoint))
-    return os.path.basename(folder) == "checkpoints" and os.path.samefile(
-        checkpoint_path(os.path.dirname(folder)), checkpoint)
+    run = run_folder(checkpoint)
+    return run is not None and os.path.samefile(checkpoint_path(run), checkpoint)
 
 
 def create_run_dir(results_dir, name):
@@ -179,13 +202,12 @@ def open_run(args, dit_config, rank, world_size):
     """The run folder (rank 0 decides, every rank learns it): the resumed run's, or a new one."""
     run_dir = [None]
     if rank == 0:
-        old_run = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) if args.resume else None
+        old_run = run_folder(args.resume) if args.resume else None
         if args.resume and continues_in_place(args.resume):
             run_dir = [old_run]
             data.remove_stale_temporaries(os.path.join(run_dir[0], "checkpoints", "*.pt.*.tmp"))  # killed saves
         else:  # a new run, or a branch: beside the run it continues unless --results-dir says where
-            in_a_run = args.resume and os.path.basename(os.path.dirname(os.path.abspath(args.resume))) == "checkpoints"
-            results_dir = os.path.dirname(old_run) if in_a_run and "results_dir" not in args.given else args.results_dir
+            results_dir = os.path.dirname(old_run) if old_run and "results_dir" not in args.given else args.results_dir
             model_name = dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}"
             run_dir = [create_run_dir(results_dir, args.run_name or f"{model_name.replace('/', '-')}-{args.method}")]
     if world_size > 1:
@@ -207,6 +229,46 @@ class Log:
                 if line is not None:
                     file.write(line + "\n")
                     file.flush()
+
+
+def duration(seconds):
+    """Seconds as a person says them: '40 s', '7 min', '5 h 12 min', '3 days 4 h'."""
+    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if hours < 1:
+        return f"{minutes:.0f} min"
+    return f"{int(hours)} h {int(minutes % 60)} min" if days < 1 else f"{int(days)} days {int(hours % 24)} h"
+
+
+class Meter:
+    """Throughput and loss: a log line and a metrics.jsonl record every --log-every steps, and on a CPU, once and
+    early (after a warm-up step, 5 steps or 20 s), what the whole run will cost at that rate."""
+
+    def __init__(self, args, step, lr, device, log):
+        self.args, self.lr, self.log, self.start = args, lr, log, step
+        self.projected = device.type != "cpu"  # a GPU run shows its rate in the log lines; nothing to warn
+        self.timer, self.steps, self.loss = time.time(), 0, 0.0
+
+    def update(self, step, loss):
+        args, now = self.args, time.time()
+        self.steps, self.loss = self.steps + 1, self.loss + loss
+        if step == self.start + 1:
+            self.warm = now
+        elif not self.projected and (step == self.start + 6 or now - self.warm > 20):
+            self.projected, rate = True, (step - self.start - 1) / (now - self.warm)
+            cost = duration((args.max_steps - step) / rate)
+            hint = "" if (args.max_steps - step) / rate < 3600 else (
+                "; this is a job for GPUs. A first run that ends in minutes on a CPU: python train.py --toy")
+            self.log(f"on this CPU: {rate * args.global_batch_size:.1f} images/s over steps {self.start + 2}-{step}; "
+                     f"the {args.max_steps - step:,} steps to go take about {cost}{hint}")
+        if step % args.log_every == 0 or step == args.max_steps:
+            elapsed = now - self.timer
+            metrics = dict(step=step, loss=self.loss / self.steps, steps_per_s=self.steps / elapsed,
+                           images_per_s=self.steps * args.global_batch_size / elapsed, lr=self.lr, method=args.method)
+            self.log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
+                     f"{metrics['images_per_s']:.1f} images/s", **metrics)
+            self.timer, self.steps, self.loss = time.time(), 0, 0.0
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -248,6 +310,7 @@ def load_network(args, vae):
                           **DIT_CONFIGS[args.model or "DiT-XL/2"]), None
     else:
         try:
+            args.ckpt = checkpoint_path(args.ckpt, args.results_dir)
             model, base = load_base(args.ckpt, input_size, args.num_heads, args.model)
         except (ValueError, FileNotFoundError) as e:
             moved = " (a base that moved: resume with --ckpt <its new path>, checked by its fingerprint)"
@@ -364,6 +427,7 @@ def main(args):
     resume = None
     if args.resume:  # continue with the saved settings, but what RESUMABLE lets change
         try:
+            args.resume = checkpoint_path(args.resume, args.results_dir)  # a run folder or name: its newest
             resume = read_checkpoint(args.resume)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--resume: {e}")
@@ -399,7 +463,7 @@ def main(args):
     step = 0
     if resume:
         ema, step = restore(resume, model, opt, scaler, lr, args.seed, rank, world_size, device, log)
-        in_place = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) == os.path.abspath(run_dir)
+        in_place = run_folder(args.resume) == os.path.abspath(run_dir)
         log(f"resumed from {args.resume} at step {step}" + ("" if in_place else f", into the new run folder {run_dir} "
             "(it is not the newest checkpoint of its run, which stays as it is)"))
         if changed:
@@ -420,8 +484,7 @@ def main(args):
 
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    timer, logged_steps, running_loss = time.time(), 0, 0.0
-    last_saved = args.resume
+    meter, last_saved = Meter(args, step, lr, device, log), args.resume
     with StopRequest() as stop:
         for x, y in batches(dataset, args, step, rank, world_size, device):
             if step >= args.max_steps:
@@ -445,15 +508,9 @@ def main(args):
                 for name, p in model.named_parameters():
                     if p.requires_grad:
                         ema[name].lerp_(p.detach().float(), 1 - args.ema_decay)
-            step, logged_steps, running_loss = step + 1, logged_steps + 1, running_loss + mean_loss
+            step = step + 1
             progress.update()
-            if step % args.log_every == 0 or step == args.max_steps:
-                elapsed = time.time() - timer
-                metrics = dict(step=step, loss=running_loss / logged_steps, steps_per_s=logged_steps / elapsed,
-                               images_per_s=logged_steps * args.global_batch_size / elapsed, lr=lr, method=args.method)
-                log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
-                    f"{metrics['images_per_s']:.1f} images/s", **metrics)
-                timer, logged_steps, running_loss = time.time(), 0, 0.0
+            meter.update(step, mean_loss)
             if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 write_samples(model, ema, vae, os.path.join(run_dir, "samples", f"{step:07d}.png"))
                 log(f"samples at step {step}: {run_dir}/samples/{step:07d}.png")
@@ -470,8 +527,63 @@ def main(args):
     return model, run_dir
 
 
+# -----------------------------------------------------------------------------------------------------------
+# --toy: the README's two-stage experiment in one command
+
+
+def toy_base(args):
+    """The base --toy fine-tunes: the newest run named toy-base in --results-dir with the same settings (reused when
+    finished, resumed when interrupted), else a new one -> its checkpoint."""
+    shared = {k: getattr(args, k) for k in TOY_SHARED}
+    base = argparse.Namespace(**{**vars(parse_args([])), **TOY_BASE, **shared, "max_steps": 2 * args.max_steps})
+    same = ("data", "split", "method", "model", "image_size", "vae", "global_batch_size", "lr", "ema_decay", "seed",
+            "data_path", "max_steps")
+    for run in sorted(glob.glob(os.path.join(args.results_dir, "*-toy-base")), reverse=True):
+        try:
+            path = checkpoint_path(run)
+            checkpoint = read_checkpoint(path)
+        except (ValueError, FileNotFoundError):  # a run stopped before its first checkpoint
+            continue
+        if all(checkpoint.settings.get(k) == getattr(base, k) for k in same):
+            if checkpoint.step == base.max_steps:
+                print(f"toy base: reusing {path}, pre-trained for {checkpoint.step} steps")
+                return path
+            print(f"toy base: resuming {path}, stopped at step {checkpoint.step} of {base.max_steps}")
+            return checkpoint_path(main(parse_args(["--resume", path]))[1])
+    print(f"toy base: pre-training {base.model} from scratch on the toy source split for {base.max_steps} steps")
+    return checkpoint_path(main(base)[1])
+
+
+def toy_experiment(args):
+    """--toy: the base (toy_base), the fine-tune with --method on the target split, then into its run folder a grid
+    of every target class (training images, the method's guidance, none) and, for a tiered label table, Figure 7's
+    t-SNE; prints where they are and what to try next."""
+    import evaluate  # here, not at the top: sample.py imports this file
+    import sample
+    started = time.time()
+    args.ckpt = args.ckpt or toy_base(args)
+    print(f"fine-tuning with {args.method} on the toy target split for {args.max_steps} steps")
+    run_dir = main(args)[1]
+    tiered = METHODS[args.method].tiered
+    grid = sample.main(sample.parse_args([
+        "--ckpt", run_dir, "--class", "all", "--n", "6", "--with-data", "--guidance", "fine" if tiered else "cfg",
+        "none", "--sampler", "dpm++", "--out", os.path.join(run_dir, "samples", "every-class.png")]))
+    outputs = [("samples", grid)]
+    if tiered:  # Figure 7 needs superclass rows
+        evaluate.main(["tsne", "--checkpoint", run_dir, "--out", os.path.join(run_dir, "tsne.png")])
+        outputs.append(("t-SNE", os.path.join(run_dir, "tsne.png")))
+    same_base = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in TOY_SHARED if k in args.given)
+    print(f"\ntoy experiment done in {duration(time.time() - started)}: {run_dir}\n"
+          + "".join(f"  {name:8s} {path}\n" for name, path in outputs) + "next:\n"
+          f"  python sample.py --ckpt {run_dir} --class disc_e          # one class, by name or id\n"
+          f"  python sample.py --ckpt {run_dir} --class all --sampler ddpm   # the papers' 250-step sampler\n"
+          f"  python train.py --toy --method lora{same_base}      # another method on the same base")
+    return run_dir
+
+
 if __name__ == "__main__":
+    arguments = parse_args()
     try:
-        main(parse_args())
+        data.run_script(lambda: toy_experiment(arguments) if arguments.toy else main(arguments))
     except KeyboardInterrupt:  # Ctrl-C before the training loop, which handles it itself
         sys.exit("interrupted before training started: nothing was saved")

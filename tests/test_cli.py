@@ -102,3 +102,16 @@ def test_help_shows_every_default(script):
     assert out.returncode == flags.returncode == 0 and flags.stdout.count("(default: ") >= 2, flags.stdout
     description = out.stdout.split("\n\n", 1)[1].split("\noptions:")[0].split("\npositional arguments:")[0]
     assert f"python {script}" in description and not description.rstrip().endswith(":")  # examples kept whole
+
+
+def test_under_torchrun_a_mistake_is_said_once(toy_runs, tmp_path):
+    """Every rank meets the same bad flag (argparse) or setting (main): rank 0 alone says it, every rank exits
+    non-zero, and no traceback of ours follows (torchrun's own report of failed workers does)."""
+    toy = toy_runs["common"] + ["--split", "source", "--method", "full", "--results-dir", str(tmp_path / "results")]
+    for argv, message in ((["--lr", "nan"], "--lr: nan is out of range"),
+                          (toy + ["--global-batch-size", "3"], "--global-batch-size 3 is not divisible by 2 processes")):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(ROOT, "train.py")] + argv, capture_output=True, text=True, cwd=tmp_path,
+                             timeout=300)
+        assert out.returncode != 0 and out.stderr.count(message) == 1, out.stderr[-2000:]
+        assert "train.py\", line" not in out.stderr and not os.path.exists(tmp_path / "results")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import fixture, rel_err
 import evaluate as E
-from data import make_toy_dataset
+from data import make_toy_dataset, toy_superclass_color
 
 
 def shapes(module):
@@ -190,7 +190,7 @@ def test_figure7_from_a_label_table(tmp_path):
     image = Image.open(tmp_path / "fig7.png")
     assert image.format == "PNG" and image.size == (640, 480)
     present = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
-    assert all(color in present for color in E.superclass_colors(4))
+    assert all(color in present for color in E.superclass_colors(names))
 
 
 # ---- Image sets, class maps and tables ----
@@ -283,4 +283,16 @@ def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
     image = Image.open(tmp_path / "tsne.png")
     assert image.size == (320, 240)
     present = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
-    assert all(color in present for color in E.superclass_colors(len(reference["superclass_names"])))
+    assert all(color in present for color in E.superclass_colors(reference["superclass_names"]))
+    assert E.superclass_colors(reference["superclass_names"]) == [toy_superclass_color(name)
+                                                                  for name in reference["superclass_names"]]
+    with pytest.raises(SystemExit, match="exists and is not overwritten"):  # before any slow work
+        E.main(["ref-stats", "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.npz")] + common)
+
+    # by default into the run folder; the plot fills the area left of the legend
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    E.main(["tsne", "--checkpoint", str(run_dir), "--iterations", "100", "--device", "cpu"])
+    figure = np.asarray(Image.open(run_dir / "tsne.png").convert("RGB"))
+    plot = figure[60:, : figure.shape[1] * 3 // 4]  # below the title, left of the legend
+    ys, xs = np.nonzero((plot != 255).any(axis=2))
+    assert np.ptp(xs) > 0.9 * plot.shape[1] and np.ptp(ys) > 0.9 * plot.shape[0]

@@ -13,6 +13,7 @@ from PIL import Image
 import evaluate
 import sample
 from conftest import ROOT, fixture, write_tiny_vae
+import data
 from data import Hierarchy
 from model import DIT_CONFIGS, DiT
 from peft import read_checkpoint, save_checkpoint
@@ -54,9 +55,9 @@ def test_moved_base_needs_and_takes_base(toy_runs, tmp_path):
     with pytest.raises(SystemExit, match="--base"):
         run(delta, tmp_path, "--class", "2")
     run(delta, tmp_path, "--class", "2", "--base", str(moved / "checkpoints" / "0000003.pt"))
-    before, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))
-    after, _, _ = sample.load_model(sample.parse_args(["--ckpt", delta, "--base", str(moved / "checkpoints" /
-                                                                                        "0000003.pt")]))
+    before = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))[0]
+    after = sample.load_model(sample.parse_args(["--ckpt", delta, "--base",
+                                                 str(moved / "checkpoints" / "0000003.pt")]))[0]
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500]), torch.tensor([0, 2, 4])
     with torch.no_grad():
         assert torch.equal(before.eval()(x, t, y), after.eval()(x, t, y))
@@ -92,7 +93,7 @@ def test_official_checkpoints_load_for_sampling(official_files):
     for file, reference, labels, extra in [("DiT-S-8.pt", official_files["official"], torch.tensor([1, 1000]), []),
                                            ("finediffusion.pt", official_files["tiered"], torch.tensor([4, 6]),
                                             ["--hierarchy", str(root / "classes.json")])]:
-        model, _, _ = sample.load_model(sample.parse_args(["--ckpt", str(root / file)] + extra))
+        model = sample.load_model(sample.parse_args(["--ckpt", str(root / file)] + extra))[0]
         with torch.no_grad():
             assert torch.equal(model.eval()(x, t, labels), reference(x, t, labels))
     with pytest.raises(SystemExit, match="--hierarchy"):
@@ -113,16 +114,46 @@ def test_guidance_scale_one_is_the_conditional_model(official_files, tmp_path, s
     assert np.abs(at_four - unguided).max() > 8
 
 
+def cells(grid, count, px, tmp_path, **labels):
+    """The `count` images of a labelled grid, found where data.save_grid puts them (it enlarges small images by an
+    integer zoom, undone here by taking every zoom-th pixel) -> (count, px, px, 3)."""
+    corners = data.save_grid(np.zeros((count, px, px, 3), np.uint8), str(tmp_path / "layout.png"), **labels)
+    zoom = -(-48 // px)
+    return np.stack([grid[y: y + px * zoom: zoom, x: x + px * zoom: zoom] for x, y in corners])
+
+
 def test_every_class_in_one_grid(official_files, tmp_path):
-    """--class all: a row per class, --n columns; row c is what --class c draws from the same noise."""
+    """--class all: a row per class, named, --n columns; row c is what --class c draws from the same noise."""
     common = ("--seed", "2", "--sampler", "dpm++", "--vae", official_files["vae"],
               "--hierarchy", str(official_files["root"] / "classes.json"))
     ckpt = str(official_files["root"] / "finediffusion.pt")
-    grid = run(ckpt, tmp_path, "--class", "all", *common)
-    px = official_files["px"]
-    assert grid.shape == (2 + 5 * (px + 2), 2 + 4 * (px + 2), 3)  # 5 classes x 4 images
+    names = Hierarchy.from_json(str(official_files["root"] / "classes.json")).class_names
+    grid = cells(run(ckpt, tmp_path, "--class", "all", *common), 4 * len(names), official_files["px"], tmp_path,
+                 cols=4, row_names=names)
     first = run(ckpt, tmp_path, "--class", "0", *common)
-    assert np.abs(grid[2:2 + px, 2:2 + px] - first[2:2 + px, 2:2 + px]).max() <= 1
+    px = official_files["px"]
+    assert np.abs(grid[0] - first[2:2 + px, 2:2 + px]).max() <= 1
+
+
+def test_guidances_side_by_side_after_the_training_images(toy_runs, tmp_path):
+    """--guidance fine none --with-data: per class the first training images, then each guidance from the same
+    noise as a run of that guidance alone."""
+    checkpoint = read_checkpoint(toy_runs["checkpoint"])
+    names = checkpoint.hierarchy["class_names"]
+    grid = run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--guidance", "fine", "none", "--with-data",
+               "--seed", "4")
+    px, n = 16, 4
+    grid = cells(grid, 3 * n * len(names), px, tmp_path, cols=3 * n, row_names=names,
+                 titles=["training images", "fine guidance, w=4", "no guidance"]).reshape(len(names), 3, n, px, px, 3)
+    dataset, _ = data.load_dataset("toy", checkpoint.data["path"], px, split="target")
+    for c in (0, len(names) - 1):
+        assert np.array_equal(grid[c, 0, 0], dataset.read(int(np.flatnonzero(dataset.labels == c)[0])))
+    for block, guidance in ((1, "fine"), (2, "none")):
+        alone = cells(run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--guidance", guidance, "--seed", "4"),
+                      n * len(names), px, tmp_path, cols=n, row_names=names).reshape(len(names), n, px, px, 3)
+        assert np.array_equal(grid[:, block], alone)
+    with pytest.raises(SystemExit, match="exists and is not overwritten"):
+        run(toy_runs["checkpoint"], tmp_path, "--class", "0", "--out", str(tmp_path / "grid0.png"))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
@@ -169,6 +200,18 @@ def test_list_classes_a_run_folder_and_a_superclass_name(toy_runs, tmp_path, cap
     assert [int(line.split()[0]) for line in listed] == members and all(f"[{superclass}]" in line for line in listed)
     with pytest.raises(SystemExit, match=f"'{superclass}' is a superclass of {len(members)} classes"):
         run(toy_runs["run_dir"], tmp_path, "--class", superclass)
-    from_folder, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["run_dir"]]))
-    from_file, _, _ = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))
+    from_folder = sample.load_model(sample.parse_args(["--ckpt", toy_runs["run_dir"]]))[0]
+    from_file = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))[0]
     assert all(torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), from_file.state_dict().values()))
+
+
+def test_outputs_go_into_the_run_folder_and_never_overwrite(toy_runs, tmp_path):
+    """Without --out, grids and bulk runs go to the run's samples/ folder; a second run gets the next free name."""
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    for _ in range(2):
+        sample.main(sample.parse_args(["--ckpt", str(run_dir), "--class", "1", "--n", "2", "--sampler", "dpm++",
+                                       "--num-sampling-steps", "3"]))
+        sample.main(sample.parse_args(["--ckpt", str(run_dir), "--num-samples", "2", "--sampler", "dpm++",
+                                       "--num-sampling-steps", "3"]))
+    assert sorted(os.listdir(run_dir / "samples")) == ["00001-fine-1.png", "00001-fine.png", "bulk", "bulk-1",
+                                                       "bulk-1.npz", "bulk.npz"]

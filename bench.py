@@ -21,8 +21,8 @@ import torch
 
 from data import NON_NEGATIVE, POSITIVE, Parser, number, run_script
 from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
-from model import DIT_CONFIGS, AutoencoderKL, DiT
-from peft import METHODS, merge, parameter_table, prepare
+from model import DIT_CONFIGS, AutoencoderKL, DiT, dit_name
+from peft import METHODS, checkpoint_path, merge, parameter_table, prepare, read_checkpoint
 from train import autocast_forward
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
@@ -187,13 +187,48 @@ def training_throughput(runs):
     return {method: float(np.median(values)) for method, values in speeds.items()}
 
 
+ARCHITECTURE = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "in_channels", "input_size",
+                "learn_sigma")
+
+
+def counted_model(args):
+    """What Table 2 counts: the DiT and classes the --runs trained, from their newest checkpoints (a pixel-space run
+    has 3 input channels at its image size), with each run's own method options; without checkpoints, --model in
+    the SD VAE's latent space at --image-size with iNat's classes -> (DiT config, fine -> superclass, {method:
+    prepare() options}, what it is)."""
+    found = {}
+    for run in args.runs:
+        try:
+            found[run] = read_checkpoint(checkpoint_path(run))
+        except FileNotFoundError:  # a run that stopped before its first checkpoint: its metrics still count
+            continue
+        except ValueError as e:
+            raise SystemExit(f"--runs: {e}")
+    if not found:
+        return dit_config(args), PARENTS, {}, f"{args.model}, {args.image_size} px in the SD VAE's latent space"
+    models = {}
+    for run, checkpoint in found.items():
+        key = tuple(checkpoint.dit[k] for k in ARCHITECTURE) + tuple(checkpoint.options["class_to_superclass"])
+        models.setdefault(key, []).append(run)
+    if len(models) > 1:
+        raise SystemExit("--runs trained different models or classes (" + "; ".join(
+            ", ".join(runs) for runs in models.values()) + "): give the runs of one experiment")
+    first = next(iter(found.values()))
+    parents = first.options["class_to_superclass"]
+    dit = first.dit
+    what = f"{dit_name(dit) or 'DiT'}, {dit['in_channels']} input channels at {dit['input_size']} px, as --runs trained it"
+    return first.dit, parents, {c.method: c.options for c in found.values()}, what
+
+
 def parameter_markdown(args):
     """Table 2 as markdown: counts from peft.parameter_table; with --runs, images/s and the speed-up over full
     fine-tuning (the paper's training time, GPU days, is images seen / throughput)."""
     speeds = training_throughput(args.runs)
+    config, parents, options, what = counted_model(args)
     header = "| Method | Total | Trainable | % | Delta (MiB) |" + (" Images/s | Speed-up |" if args.runs else "")
-    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
-    for method, total, trainable, percent, mib in parameter_table(dit_config(args), PARENTS):
+    lines = [f"{what}, {len(parents):,} classes in {max(parents) + 1} superclasses:\n", header,
+             "|---|" + "---:|" * (header.count("|") - 2)]
+    for method, total, trainable, percent, mib in parameter_table(config, parents, options):
         line = f"| {method} | {total:,} | {trainable:,} | {percent:.2f}% | {mib:,.1f} |"
         if args.runs:
             speed = speeds.get(method)

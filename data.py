@@ -331,9 +331,11 @@ class ImageDataset(Dataset):
             return
         print(f"data: {os.path.join(self.root, self.files[j])}: {problem}", file=sys.stderr)
 
-    def fingerprint(self):
-        """What a latent cache must match: the file list with labels, the image size, the flips."""
-        h = hashlib.sha1(f"{self.image_size} {self.hflip}\n".encode())
+    def fingerprint(self, image_size=None, hflip=None):
+        """What a latent cache must match: the file list with labels, the image size, the flips (this dataset's,
+        or those given: what the fingerprint would be with other settings)."""
+        image_size, hflip = image_size or self.image_size, self.hflip if hflip is None else hflip
+        h = hashlib.sha1(f"{image_size} {hflip}\n".encode())
         for name, label in zip(self.files, self.labels):
             h.update(f"{name}\t{label}\n".encode())
         return h.hexdigest()
@@ -748,6 +750,8 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
             with open(meta_path) as f:
                 found = json.load(f)
             differs = [k for k in wanted if found.get(k) != wanted[k]]
+            if found.get("files") == dataset.fingerprint(found.get("image_size"), found.get("hflip")):
+                differs = [k for k in differs if k != "files"]  # the same files, only read at another size or flip
             if found.get("complete") and differs:
                 state = (f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)} "
                          f"({', '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differs)}). "

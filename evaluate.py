@@ -32,7 +32,7 @@ from tqdm import tqdm
 from data import (NON_NEGATIVE, POSITIVE, WORKERS, Parser, load_dataset, new_file, number, read_images, read_json,
                   run_script, to_tensor, toy_superclass_color)
 from model import check_state_dict, load_state_dict_file
-from peft import checkpoint_path, read_label_table, run_folder
+from peft import WEIGHTS_HELP, checkpoint_path, read_label_table, run_folder
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -693,6 +693,7 @@ def parse_args(argv=None):
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint or an official FineDiffusion one")
     p.add_argument("--class-map", default=None, help="hierarchy JSON (none: the checkpoint's own)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help=WEIGHTS_HELP)
     p.add_argument("--out", default=None, help="the PNG to write (none: tsne.png in the checkpoint's run folder)")
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
@@ -744,7 +745,7 @@ def main(argv=None):
             checkpoint = checkpoint_path(args.checkpoint)
             out = new_file(args.out, "--out") if args.out else new_file(
                 os.path.join(run_folder(checkpoint) or ".", "tsne.png"))
-            table, hierarchy = read_label_table(checkpoint)
+            table, hierarchy = read_label_table(checkpoint, args.weights)
             if (args.class_map or hierarchy) is None:
                 raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
             class_to_superclass, names = read_class_map(args.class_map or hierarchy)
@@ -758,8 +759,8 @@ def main(argv=None):
                                                            seed=args.seed, device=args.device)
             name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
             draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
-                         title=f"t-SNE of label embeddings: {name}")
-            print(f"saved {out}")
+                         title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
+            print(f"saved {out} (the {args.weights} label table)")
     except (ValueError, FileNotFoundError) as e:  # what the files given say is wrong with them, in one line
         raise SystemExit(str(e).replace("\n", " "))
 

@@ -426,9 +426,10 @@ DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/
               "and DiT-XL-2-512x512.pt (github.com/facebookresearch/DiT).")
 
 
-def dit_state_dict(checkpoint):
-    """The weights to sample with: the EMA ones where a training checkpoint holds both."""
-    for key in ("ema", "model"):
+def dit_state_dict(checkpoint, weights="ema"):
+    """The DiT weights a file holds: of a training checkpoint ({"model", "ema"}) the EMA ones, or the trained ones
+    themselves with weights="raw"; a plain state dict is the one set there is."""
+    for key in ("ema", "model") if weights == "ema" else ("model", "ema"):
         if key in checkpoint and isinstance(checkpoint[key], dict):
             return checkpoint[key]
     return checkpoint
@@ -491,16 +492,18 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
     return model
 
 
-def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, name=None):
+def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, name=None,
+             weights="ema"):
     """
     The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
     width, patch, channels and label table. `input_size` (latent or pixel grid side) defaults to the file's; at another
     size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout)
     is split into classes and superclasses by `class_to_superclass`. `name` (a --model) is checked, not used.
+    `weights`: "ema" or "raw" (dit_state_dict).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
-    state_dict = dit_state_dict(checkpoint)
+    state_dict = dit_state_dict(checkpoint, weights)
     shape = read_dit_shape(state_dict)
     if name is not None and dit_name(shape) != name:
         raise ValueError(f"{source} holds {describe_dit(shape)}, not --model {name}")

@@ -280,12 +280,14 @@ def trainable_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if k in trainable}
 
 
-def parameter_table(dit_config, class_to_superclass):
-    """Rows of (method, total, trainable, percent, delta MiB at fp32) for every method, built on `meta`."""
+def parameter_table(dit_config, class_to_superclass, options=None):
+    """Rows of (method, total, trainable, percent, delta MiB at fp32) for every method, built on `meta`; `options`:
+    {method: prepare()'s keyword arguments} where a run used its own (a LoRA rank, ...)."""
     rows = []
     for method in METHODS:
         with torch.device("meta"):
-            model = prepare(DiT(**dit_config), method, class_to_superclass)
+            model = prepare(DiT(**dit_config), method,
+                            **(options or {}).get(method, dict(class_to_superclass=class_to_superclass)))
         total, trainable = count_parameters(model)
         rows.append((method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20))
     return rows
@@ -309,7 +311,7 @@ class Checkpoint:
                    {path, sha256}: where the base checkpoint was and base_fingerprint of it
         hierarchy  data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
         vae        the VAE (a path) whose latent space the model works in, or None: pixel space
-        data       what it trained on: {kind, path, split, image_size}
+        data       what it trained on: {kind, path, split, image_size, hflip (mirrored copies or not)}
         model      {name: tensor} of every parameter the method trains
         ema        the same names: their exponential moving average in float32, what sampling uses
         step       optimizer steps taken
@@ -333,6 +335,10 @@ class Checkpoint:
     scaler: dict = None
     rng: list = None
     settings: dict = None
+
+    def tensors(self, weights="ema"):
+        """The trained tensors to use: "ema", their moving average (what sampling uses by default), or "raw"."""
+        return self.ema if weights == "ema" else self.model
 
 
 def is_train_checkpoint(contents):
@@ -377,6 +383,11 @@ def checkpoint_path(path, results_dir="results"):
     return path
 
 
+WEIGHTS_HELP = ("which weights of a training checkpoint (ours, or official {model, ema}): ema, their moving average "
+                "(what the papers sample), or raw, the trained values themselves. Early in a short fine-tune the EMA "
+                "is still mostly the base model")
+
+
 def run_folder(checkpoint):
     """The train.py run folder a checkpoint file lies in (<run>/checkpoints/<step>.pt), or None outside one."""
     folder = os.path.dirname(os.path.abspath(checkpoint))
@@ -412,7 +423,7 @@ def rebuild(checkpoint, base=None, weights="ema"):
     """
     The fine-tuned model a Checkpoint describes: its base (loaded from `base` or the path it recorded, checked
     against its fingerprint) or a fresh DiT(**dit) when the file holds every trained tensor, then prepare(method),
-    then the trained tensors (`weights`: "ema" or "model").
+    then the trained tensors (`weights`: "ema", their moving average, or "raw", the trained values themselves).
     """
     if checkpoint.base is None:
         model = DiT(**checkpoint.dit)
@@ -427,7 +438,7 @@ def rebuild(checkpoint, base=None, weights="ema"):
                              f"{checkpoint.base['path']}, sha256 {checkpoint.base['sha256'][:16]}...; the given one "
                              f"has {identity['sha256'][:16]}...): pass the base it names with --base")
     model = prepare(model, checkpoint.method, **checkpoint.options)
-    tensors, expected = getattr(checkpoint, weights), set(trainable_state_dict(model))
+    tensors, expected = checkpoint.tensors(weights), set(trainable_state_dict(model))
     if set(tensors) != expected:
         raise ValueError(f"the checkpoint's tensors do not match method {checkpoint.method}: missing "
                          f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
@@ -435,30 +446,31 @@ def rebuild(checkpoint, base=None, weights="ema"):
     return model
 
 
-def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, name=None):
+def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, name=None, weights="ema"):
     """
-    Any checkpoint -> (model, Checkpoint or None). A train.py checkpoint is rebuilt (its EMA weights, on its base:
-    `base` overrides the recorded path); any other DiT file (official DiT, official FineDiffusion, safetensors) is
-    loaded by model.load_dit. The model is not merged: merge(model) before sampling.
+    Any checkpoint -> (model, Checkpoint or None). A train.py checkpoint is rebuilt (its `weights`, "ema" or "raw",
+    on its base: `base` overrides the recorded path); any other DiT file (official DiT, official FineDiffusion,
+    safetensors) is loaded by model.load_dit. The model is not merged: merge(model) before sampling.
     """
     path = checkpoint_path(path)
     contents = load_state_dict_file(path)
     if not is_train_checkpoint(contents):
-        return load_dit(contents, path, input_size, class_to_superclass, num_heads, name), None
+        return load_dit(contents, path, input_size, class_to_superclass, num_heads, name, weights), None
     checkpoint = as_checkpoint(contents, path)
     if name is not None and dit_name(checkpoint.dit) != name:
         raise ValueError(f"{path} holds {dit_name(checkpoint.dit) or 'a DiT of another shape'}, not --model {name}")
-    return rebuild(checkpoint, base).resize(input_size), checkpoint
+    return rebuild(checkpoint, base, weights).resize(input_size), checkpoint
 
 
-def read_label_table(path):
-    """(label table (rows, D), hierarchy dict or None) of any checkpoint, without building its model."""
+def read_label_table(path, weights="ema"):
+    """(label table (rows, D), hierarchy dict or None) of any checkpoint, its "ema" or "raw" weights, without
+    building its model."""
     path = checkpoint_path(path)
     contents = load_state_dict_file(path)
     if is_train_checkpoint(contents):
         checkpoint = as_checkpoint(contents, path)
-        return checkpoint.ema[LABEL_TABLE_KEY].float(), checkpoint.hierarchy
-    state_dict = dit_state_dict(contents)
+        return checkpoint.tensors(weights)[LABEL_TABLE_KEY].float(), checkpoint.hierarchy
+    state_dict = dit_state_dict(contents, weights)
     if not isinstance(state_dict, dict) or LABEL_TABLE_KEY not in state_dict:
         raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: pass a checkpoint of train.py, an official "
                          f"FineDiffusion checkpoint or a DiT state dict")

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--list-classes", nargs="?", const="", default=None, metavar="TEXT",
                    help="print the classes (id, name, superclass) whose names contain TEXT, and stop")
     p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help=peft.WEIGHTS_HELP)
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
     p.add_argument("--n", type=POSITIVE, default=8, help="images of --class (per class with --class all)")
@@ -82,8 +83,8 @@ def load_model(args):
     hierarchy or None, VAE path or None, our Checkpoint or None)."""
     try:
         hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
-        model, checkpoint = peft.load_model(args.ckpt, args.base,
-                                            hierarchy.class_to_superclass if hierarchy else None)
+        model, checkpoint = peft.load_model(args.ckpt, args.base, hierarchy.class_to_superclass if hierarchy else None,
+                                            weights=args.weights)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e) if args.ckpt in str(e) else f"--ckpt {args.ckpt}: {e}")
     vae = args.vae
@@ -182,7 +183,7 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device):
     save_grid(rows.reshape(-1, *rows.shape[2:]), out, cols=args.n * len(blocks) if labelled else None,
               row_names=names if labelled else None, titles=titles if len(blocks) > 1 else None)
     print(f"{args.n} images of {names[0] if len(classes) == 1 else 'every class'} ({', '.join(titles)}; "
-          f"{args.sampler} {args.num_sampling_steps} steps) -> {out}")
+          f"{args.sampler} {args.num_sampling_steps} steps; {args.weights} weights) -> {out}")
     return out
 
 
@@ -212,7 +213,7 @@ def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size)
                          class_names=np.asarray(hierarchy.class_names),
                          superclass_names=np.asarray(hierarchy.superclass_names))
         np.savez(out + ".npz", arr_0=images, labels=labels, **extra)
-        print(f"wrote {args.num_samples} samples to {out}/ and {out}.npz ({images.shape})")
+        print(f"wrote {args.num_samples} samples ({args.weights} weights) to {out}/ and {out}.npz ({images.shape})")
     return out
 
 

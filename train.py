@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it)")
     p.add_argument("--split", default=None, help="inat: train_mini/train/val; toy: source/target")
     p.add_argument("--latent-cache", default=None, help="encode the data once into this folder and train from it")
+    p.add_argument("--no-hflip", action="store_true",
+                   help="no mirrored copies: for data where left and right differ (text, symbols, some markings)")
     p.add_argument("--global-batch-size", type=data.POSITIVE, default=256, help="images per step over all processes")
     p.add_argument("--max-steps", type=data.POSITIVE, default=200_000, help="optimizer steps in all")
     p.add_argument("--lr", type=data.number(float, 0.0, low_open=True), default=None,
@@ -138,8 +140,8 @@ MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high ge
 
 def step_health(loss, params, stop, world_size):
     """After an update: (mean loss over ranks, did it diverge, was a stop requested), agreed by every rank through
-    one all-reduce of three scalars per step; with one read of the trained weights, that is its cost. Diverged: a non-finite loss or weight, or a weight beyond
-    MAX_WEIGHT."""
+    one all-reduce of three scalars per step; with one read of the trained weights, that is its cost. Diverged: a
+    non-finite loss or weight, or a weight beyond MAX_WEIGHT."""
     largest = torch.nn.utils.get_total_norm([p.detach() for p in params], norm_type=math.inf)
     bad = ~torch.isfinite(largest) | (largest > MAX_WEIGHT) | ~torch.isfinite(loss.detach())
     health = torch.stack([loss.detach().float(), bad.float(), torch.tensor(float(stop.signum is not None),
@@ -327,12 +329,13 @@ def load_network(args, vae):
 def load_data(args, vae, rank, world_size):
     """(dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels."""
     try:
-        dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split)
-    except (ValueError, FileNotFoundError) as e:
+        dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split,
+                                               hflip=not args.no_hflip)
+        if args.latent_cache and vae is not None:
+            dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
+                                              num_workers=args.num_workers)
+    except (ValueError, FileNotFoundError) as e:  # a missing or stale data set or cache
         raise SystemExit(str(e))
-    if args.latent_cache and vae is not None:
-        dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
-                                          num_workers=args.num_workers)
     return dataset, hierarchy
 
 
@@ -454,7 +457,8 @@ def main(args):
     total, trainable = count_parameters(model)
     log(f"{args.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), "
         f"{len(hierarchy.class_names)} classes in {len(hierarchy.superclass_names)} superclasses, "
-        f"{len(dataset):,} training images, {world_size} process(es) on {device.type}, {precision}")
+        f"{len(dataset):,} training items ({'no mirrors' if args.no_hflip else 'each image and its mirror'}), "
+        f"{world_size} process(es) on {device.type}, {precision}")
 
     lr = args.lr or METHODS[args.method].lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
@@ -476,8 +480,9 @@ def main(args):
         checkpoint = Checkpoint(
             method=args.method, options=options, dit=dit_config, base=base, hierarchy=hierarchy.to_dict(),
             vae=None if vae is None else os.path.abspath(args.vae), model=trainable_state_dict(model), ema=ema,
-            data=dict(kind=args.data, path=args.data_path, split=args.split, image_size=args.image_size), step=step,
-            optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_states(world_size),
+            data=dict(kind=args.data, path=args.data_path, split=args.split, image_size=args.image_size,
+                      hflip=not args.no_hflip),
+            step=step, optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_states(world_size),
             settings={k: v for k, v in vars(args).items() if k not in ("resume", "given")})
         if rank == 0:
             save_checkpoint(path, checkpoint)

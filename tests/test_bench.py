@@ -1,12 +1,14 @@
 """bench.py: Table 2 from peft's counts and the runs' metrics.jsonl, and a whole benchmark on a tiny config (it runs
 and reports every method; speed itself is never asserted)."""
 import json
+import os
 
 import numpy as np
+import pytest
 
 import bench
 from diffusion import SAMPLER_STEPS
-from peft import METHODS
+from peft import METHODS, count_parameters, load_model
 
 
 def write_metrics(run_dir, method, images_per_s):
@@ -24,8 +26,9 @@ def test_table2_from_peft_and_run_metrics(tmp_path, capsys):
     runs = [str(tmp_path / "000-full"), str(tmp_path / "001-finediffusion")]
     assert bench.training_throughput(runs) == {"full": np.median(full), "finediffusion": np.median(fine)}
     bench.main(["--table", "--model", "DiT-XL/2", "--image-size", "256", "--runs", *runs])
-    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) == set(METHODS)
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == set(METHODS) | {"Method"} and out.startswith("DiT-XL/2, 256 px in the SD VAE's latent space")
     assert rows["finediffusion"].startswith("| finediffusion | 685,640,480 | 12,153,632 | 1.77% |")  # the paper's
     assert rows["finediffusion"].endswith(f"| {np.median(fine):.1f} | {np.median(fine) / np.median(full):.2f}× |")
     assert rows["full"].endswith(f"| {np.median(full):.1f} | 1.00× |")
@@ -34,10 +37,17 @@ def test_table2_from_peft_and_run_metrics(tmp_path, capsys):
     assert "Images/s" not in capsys.readouterr().out  # without runs: parameters only
 
 
-def test_table2_reads_a_real_run(toy_runs, capsys):
+def test_table2_counts_the_model_a_run_trained(toy_runs, capsys):
+    """A pixel-space run's row is count_parameters of the model it trained (3 channels at 16 px, its 10 classes),
+    not of an assumed 4-channel latent DiT; runs of different models are refused."""
     bench.main(["--table", "--runs", toy_runs["run_dir"]])
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| finediffusion |"))
-    assert not row.endswith("| – | – |")
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| finediffusion |"))
+    total, trainable = count_parameters(load_model(toy_runs["checkpoint"])[0])
+    assert row.startswith(f"| finediffusion | {total:,} | {trainable:,} |") and not row.endswith("| – | – |")
+    assert out.startswith("DiT-T/4, 3 input channels at 16 px, as --runs trained it, 10 classes in 4 superclasses")
+    with pytest.raises(SystemExit, match="different models or classes"):  # the base: other classes
+        bench.main(["--table", "--runs", toy_runs["run_dir"], os.path.dirname(os.path.dirname(toy_runs["base"]))])
 
 
 def test_benchmark_on_a_tiny_config(capsys):

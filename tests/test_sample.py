@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import peft
 import sample
 from conftest import ROOT, fixture, write_tiny_vae
 import data
@@ -215,3 +216,28 @@ def test_outputs_go_into_the_run_folder_and_never_overwrite(toy_runs, tmp_path):
                                        "--num-sampling-steps", "3"]))
     assert sorted(os.listdir(run_dir / "samples")) == ["00001-fine-1.png", "00001-fine.png", "bulk", "bulk-1",
                                                        "bulk-1.npz", "bulk.npz"]
+
+
+def test_raw_or_ema_weights(toy_runs, official_files, tmp_path):
+    """--weights raw samples the trained values themselves, --weights ema their moving average: of our checkpoints
+    (where after 4 steps at decay 0.9 they differ) and of official {model, ema} files alike; t-SNE reads either."""
+    checkpoint = read_checkpoint(toy_runs["checkpoint"])
+    models = {}
+    for weights in ("ema", "raw"):
+        models[weights] = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"], "--weights",
+                                                               weights]))[0].state_dict()
+        assert all(torch.equal(models[weights][name], tensor) for name, tensor in checkpoint.tensors(weights).items())
+        table, _ = peft.read_label_table(toy_runs["checkpoint"], weights)
+        assert torch.equal(table, checkpoint.tensors(weights)[peft.LABEL_TABLE_KEY])
+    assert not torch.equal(models["ema"][peft.LABEL_TABLE_KEY], models["raw"][peft.LABEL_TABLE_KEY])
+    grids = [run(toy_runs["checkpoint"], tmp_path, "--class", "2", "--sampler", "ddim", "--weights", w)
+             for w in ("ema", "raw")]
+    assert not np.array_equal(*grids)
+
+    raw = {name: tensor + 0.01 for name, tensor in official_files["tiered"].state_dict().items()}
+    torch.save(dict(model=raw, ema=official_files["tiered"].state_dict()), tmp_path / "official.pt")
+    classes = ["--hierarchy", str(official_files["root"] / "classes.json")]
+    for weights, expected in (("ema", official_files["tiered"].state_dict()), ("raw", raw)):
+        loaded = sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / "official.pt"), "--weights", weights]
+                                                     + classes))[0].state_dict()
+        assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())

@@ -1,4 +1,5 @@
 """Training: exact resume, torchrun DDP on CPU, precision and checkpointing, bases of any shape, clear errors."""
+import glob
 import json
 import os
 import re
@@ -184,6 +185,23 @@ def test_latent_training_from_the_cache(toy_runs, tmp_path):
     model, run_dir = train.main(train.parse_args(args))
     assert model.in_channels == f["config"]["latent_channels"] and (tmp_path / "cache" / "latents.npy").exists()
     assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    with pytest.raises(SystemExit, match="stale: it was built from a different hflip"):  # the other flip setting
+        train.main(train.parse_args(args + ["--no-hflip"]))
+
+
+def test_no_hflip_sees_each_image_once(toy_runs, tmp_path):
+    """--no-hflip: one item per image in the dataset and in the latent cache, and the checkpoint says so."""
+    toy_set = data.make_toy_dataset(str(toy_runs["root"] / "data"), image_size=16)  # made already: found
+    images = len(glob.glob(os.path.join(toy_set, "target", "*", "*", "*.png")))
+    _, run_dir = train.main(toy_args(toy_runs, tmp_path / "pixels", "--no-hflip", "--max-steps", "1"))
+    assert read_checkpoint(checkpoint_path(run_dir)).data["hflip"] is False
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        assert f"{images:,} training items (no mirrors)" in f.read()
+    args = [a if a != "none" else write_tiny_vae(tmp_path / "vae") for a in toy_runs["common"]]
+    train.main(train.parse_args(args + ["--split", "target", "--method", "full", "--max-steps", "1", "--no-hflip",
+                                        "--latent-cache", str(tmp_path / "cache"), "--results-dir",
+                                        str(tmp_path / "latent")]))
+    assert np.load(tmp_path / "cache" / "latents.npy", mmap_mode="r").shape[0] == images
 
 
 def test_model_input_samples_the_cached_posterior():

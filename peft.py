@@ -368,12 +368,19 @@ def as_checkpoint(contents, source):
     return Checkpoint(**{name: contents[name] for name in names})
 
 
+def named_runs(name, results_dir="results"):
+    """The run folders results_dir/NNN-<name> (train.py's numbering), newest (highest number) first."""
+    if not os.path.isdir(results_dir):
+        return []
+    runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [name]]
+    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))]
+
+
 def checkpoint_path(path, results_dir="results"):
-    """A checkpoint file; or a run folder of train.py, or a run's name (its --run-name or model-method: the
-    highest-numbered results_dir/NNN-<name>) -> its newest checkpoint (the highest step)."""
-    if not os.path.exists(path) and os.path.isdir(results_dir):
-        runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [path]]
-        path = os.path.join(results_dir, max(runs, key=lambda e: int(e.split("-", 1)[0]))) if runs else path
+    """A checkpoint file; or a run folder of train.py, or a run's name (its --run-name or model-method: the newest
+    results_dir/NNN-<name>) -> its newest checkpoint (the highest step)."""
+    if not os.path.exists(path):
+        path = next(iter(named_runs(path, results_dir)), path)
     if os.path.isdir(path):
         saved = sorted(f for f in os.listdir(os.path.join(path, "checkpoints")) if f.endswith(".pt")) \
             if os.path.isdir(os.path.join(path, "checkpoints")) else []

@@ -3,7 +3,7 @@ Fine-tune a pre-trained DiT with any method of peft.py (or train one from scratc
 
     torchrun --nproc_per_node=8 train.py --method finediffusion --data inat --data-path /data/inat2021 \\
         --ckpt pretrained/DiT-XL-2-256x256.pt --vae pretrained/sd-vae-ft-ema
-    python train.py --toy            # the README's two-stage toy experiment on a CPU, in one command (~7 min)
+    python train.py --toy            # the README's two-stage toy experiment on a CPU, in one command (6.5 min, 2 cores)
 
 torch.distributed DDP directly (nccl on GPUs, gloo on CPU); frozen parameters get no gradients, no optimizer
 state and no all-reduce. Checkpoints (peft.py's format) hold only what the method trains, plus EMA, optimizer, step
@@ -11,7 +11,6 @@ and every rank's RNG state, and are written atomically; --resume continues bit-e
 log.txt and metrics.jsonl (one JSON line per logged step: what bench.py's Table 2 reads).
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -28,8 +27,8 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, Checkpoint, checkpoint_path, count_parameters, load_base, prepare, read_checkpoint,
-                  run_folder, save_checkpoint, trainable_state_dict)
+from peft import (METHODS, Checkpoint, checkpoint_path, count_parameters, load_base, named_runs, prepare,
+                  read_checkpoint, run_folder, save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -186,8 +185,8 @@ def continues_in_place(checkpoint):
 
 
 def create_run_dir(results_dir, name):
-    """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive
-    mkdir fails when another run took the number first, and the next number is tried."""
+    """results_dir/NNN-name, NNN one above the highest number there (peft.named_runs reads them), made by this
+    process alone: the exclusive mkdir fails when another run took the number first, and the next number is tried."""
     os.makedirs(results_dir, exist_ok=True)
     while True:
         taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
@@ -488,9 +487,9 @@ def main(args):
             save_checkpoint(path, checkpoint)
 
     model.train()
-    progress = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     meter, last_saved = Meter(args, step, lr, device, log), args.resume
-    with StopRequest() as stop:
+    bar = dict(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    with StopRequest() as stop, tqdm(**bar) as progress:  # the bar is closed however the loop ends
         for x, y in batches(dataset, args, step, rank, world_size, device):
             if step >= args.max_steps:
                 break
@@ -526,7 +525,6 @@ def main(args):
             if stopping:
                 log(f"stopped by a signal after step {step}; continue with: python train.py --resume {last_saved}")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    progress.close()
     if world_size > 1:
         dist.destroy_process_group()
     return model, run_dir
@@ -543,7 +541,7 @@ def toy_base(args):
     base = argparse.Namespace(**{**vars(parse_args([])), **TOY_BASE, **shared, "max_steps": 2 * args.max_steps})
     same = ("data", "split", "method", "model", "image_size", "vae", "global_batch_size", "lr", "ema_decay", "seed",
             "data_path", "max_steps")
-    for run in sorted(glob.glob(os.path.join(args.results_dir, "*-toy-base")), reverse=True):
+    for run in named_runs(TOY_BASE["run_name"], args.results_dir):
         try:
             path = checkpoint_path(run)
             checkpoint = read_checkpoint(path)
@@ -590,5 +588,5 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         data.run_script(lambda: toy_experiment(arguments) if arguments.toy else main(arguments))
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, which handles it itself
-        sys.exit("interrupted before training started: nothing was saved")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which saves and stops by itself
+        sys.exit("interrupted outside the training steps: what they saved is kept")

@@ -26,7 +26,7 @@ from data import (NON_NEGATIVE, POSITIVE, Hierarchy, Parser, load_dataset, new_f
                   save_grid, to_pixels)
 from diffusion import SAMPLER_STEPS, check_steps, run_sampler
 from model import load_vae
-from train import setup_distributed
+from train import finish_distributed, setup_distributed
 
 
 def parse_args(argv=None):
@@ -246,8 +246,7 @@ def main(args):
         out = sample_bulk(model, vae, hierarchy, args, guidances[0], device, rank, world_size)
     else:
         out = sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device)
-    if world_size > 1:
-        dist.destroy_process_group()
+    finish_distributed(world_size)
     return out
 
 

@@ -134,6 +134,13 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def finish_distributed(world_size):
+    """Leave the process group together: no rank exits (closing its connections) while another still works."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high gets past it in one step
 
 
@@ -525,8 +532,7 @@ def main(args):
             if stopping:
                 log(f"stopped by a signal after step {step}; continue with: python train.py --resume {last_saved}")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    if world_size > 1:
-        dist.destroy_process_group()
+    finish_distributed(world_size)
     return model, run_dir
 
 

@@ -240,18 +240,20 @@ class Log:
 
 
 def duration(seconds):
-    """Seconds as a person says them: '40 s', '7 min', '5 h 12 min', '3 days 4 h'."""
+    """Seconds as a person says them: '40 s', '7 min', '5 h 12 min', '1 day 3 h', '3 days 4 h'."""
     minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
     if seconds < 60:
         return f"{seconds:.0f} s"
     if hours < 1:
         return f"{minutes:.0f} min"
-    return f"{int(hours)} h {int(minutes % 60)} min" if days < 1 else f"{int(days)} days {int(hours % 24)} h"
+    return (f"{int(hours)} h {int(minutes % 60)} min" if days < 1
+            else f"{int(days)} day{'s' if days >= 2 else ''} {int(hours % 24)} h")
 
 
 class Meter:
     """Throughput and loss: a log line and a metrics.jsonl record every --log-every steps, and on a CPU, once and
-    early (after a warm-up step, 5 steps or 20 s), what the whole run will cost at that rate."""
+    early, what the whole run will cost: after the first step if it took over 20 s (its own time is then the
+    estimate), else over the steps after it (warm-up) until 5 steps or 20 s have passed."""
 
     def __init__(self, args, step, lr, device, log):
         self.args, self.lr, self.log, self.start = args, lr, log, step
@@ -263,13 +265,10 @@ class Meter:
         self.steps, self.loss = self.steps + 1, self.loss + loss
         if step == self.start + 1:
             self.warm = now
+            if now - self.timer > 20:
+                self.project(step, 1 / (now - self.timer), f"step {step}")
         elif not self.projected and (step == self.start + 6 or now - self.warm > 20):
-            self.projected, rate = True, (step - self.start - 1) / (now - self.warm)
-            cost = duration((args.max_steps - step) / rate)
-            hint = "" if (args.max_steps - step) / rate < 3600 else (
-                "; this is a job for GPUs. A first run that ends in minutes on a CPU: python train.py --toy")
-            self.log(f"on this CPU: {rate * args.global_batch_size:.1f} images/s over steps {self.start + 2}-{step}; "
-                     f"the {args.max_steps - step:,} steps to go take about {cost}{hint}")
+            self.project(step, (step - self.start - 1) / (now - self.warm), f"steps {self.start + 2}-{step}")
         if step % args.log_every == 0 or step == args.max_steps:
             elapsed = now - self.timer
             metrics = dict(step=step, loss=self.loss / self.steps, steps_per_s=self.steps / elapsed,
@@ -277,6 +276,13 @@ class Meter:
             self.log(f"step {step:07d}  loss {metrics['loss']:.4f}  {metrics['steps_per_s']:.2f} steps/s  "
                      f"{metrics['images_per_s']:.1f} images/s", **metrics)
             self.timer, self.steps, self.loss = time.time(), 0, 0.0
+
+    def project(self, step, steps_per_s, measured):
+        """Say once what the steps to go will take at `steps_per_s`."""
+        self.projected, seconds = True, (self.args.max_steps - step) / steps_per_s
+        hint = "" if seconds < 3600 else "; a job for GPUs. A first run that ends in minutes: python train.py --toy"
+        self.log(f"on this CPU: {steps_per_s * self.args.global_batch_size:.1f} images/s over {measured}; the "
+                 f"{self.args.max_steps - step:,} steps to go take about {duration(seconds)}{hint}")
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -389,5 +389,20 @@ def test_toy_is_one_command(toy_runs, tmp_path, monkeypatch, capsys):
 
 
 def test_durations_read_as_people_say_them():
-    assert [train.duration(s) for s in (40, 420, 5 * 3600 + 12 * 60, 3 * 86400 + 4 * 3600)] == [
-        "40 s", "7 min", "5 h 12 min", "3 days 4 h"]
+    assert [train.duration(s) for s in (40, 420, 5 * 3600 + 12 * 60, 86400 + 3 * 3600, 3 * 86400 + 4 * 3600)] == [
+        "40 s", "7 min", "5 h 12 min", "1 day 3 h", "3 days 4 h"]
+
+
+@pytest.mark.parametrize("step_times, said", [
+    ([1.0, 1.5, 2.0, 2.5, 3.0, 3.5], "256.0 images/s over steps 2-6; the 199,994 steps to go take about 1 day 3 h; "
+                                     "a job for GPUs"),  # a warm-up step, then 5 steps at 0.5 s
+    ([30.0], "4.3 images/s over step 1; the 199,999 steps to go take about 69 days 10 h")])  # too slow to wait
+def test_the_cost_on_a_cpu_is_said_once_and_early(monkeypatch, step_times, said):
+    clock = iter([0.0] + step_times + [99.0] * 10)
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    lines = []
+    args = train.parse_args(["--global-batch-size", "128", "--log-every", "1000"])
+    meter = train.Meter(args, 0, 1e-4, torch.device("cpu"), lambda message, **metrics: lines.append(message))
+    for step in range(1, 9):
+        meter.update(step, 0.1)
+    assert len(lines) == 1 and lines[0].startswith("on this CPU: " + said), lines

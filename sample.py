@@ -230,6 +230,8 @@ def main(args):
         raise SystemExit("--guidance: a bulk run (--num-samples) samples with one guidance")
     if not args.num_samples and args.cls is None:
         raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
+    if args.out:  # refused now, before the model loads
+        new_file(args.out.rstrip("/"), "--out", (".npz",) if args.num_samples else ())
     model, hierarchy, vae_path, checkpoint = load_model(args)
     model.to(device).eval()
     try:

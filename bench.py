@@ -216,7 +216,8 @@ def counted_model(args):
     first = next(iter(found.values()))
     parents = first.options["class_to_superclass"]
     dit = first.dit
-    what = f"{dit_name(dit) or 'DiT'}, {dit['in_channels']} input channels at {dit['input_size']} px, as --runs trained it"
+    what = (f"{dit_name(dit) or 'DiT'}, {dit['in_channels']} input channels at {dit['input_size']} px, "
+            "as --runs trained it")
     return first.dit, parents, {c.method: c.options for c in found.values()}, what
 
 

@@ -367,7 +367,8 @@ def read_safetensors(path):
               and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
               and all(isinstance(o, int) for o in info["data_offsets"]))
         if not ok:
-            raise corrupt(f"bad header entry for {name!r}: {info!r} (supported dtypes: {', '.join(SAFETENSORS_DTYPES)})")
+            raise corrupt(f"bad header entry for {name!r}: {info!r} "
+                          f"(supported dtypes: {', '.join(SAFETENSORS_DTYPES)})")
         dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         if not 0 <= begin <= end <= len(data):
             raise corrupt(f"{name!r} has data_offsets [{begin}, {end}] outside the {len(data)} data bytes (truncated?)")
@@ -412,7 +413,8 @@ def check_state_dict(model, state_dict, source, where_to_get):
     lines = [f"{kind} ({len(keys)}): " + ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
              for kind, keys in problems.items() if keys]
     if lines:
-        raise ValueError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(lines) + f"\n{where_to_get}")
+        raise ValueError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(lines)
+                         + f"\n{where_to_get}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -560,7 +562,8 @@ class VAEAttention(nn.Module):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # ".0" in the key names: diffusers' slot 1 is a dropout
+        # ".0" in the key names: diffusers' slot 1 is a dropout
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x):  # (N, C, H, W)
         N, C, H, W = x.shape

@@ -395,10 +395,10 @@ def batches(dataset, args, step, rank, world_size, device):
 
 
 @torch.no_grad()
-def write_samples(model, ema, vae, path):
-    """A grid of what the EMA weights draw, a row per class (up to 8, spread over the label table), 2 images each:
-    fixed noise from a generator of its own (so grids compare across steps and the training's random stream is left
-    alone), the method's guidance at scale 4, 10 DPM-Solver++ steps."""
+def write_samples(model, ema, vae, path, class_names, step):
+    """A grid of what the EMA weights draw at `step`, a row per class (up to 8, spread over the label table, each
+    under its name), 2 images each: fixed noise from a generator of its own (so grids compare across steps and the
+    training's random stream is left alone), the method's guidance at scale 4, 10 DPM-Solver++ steps."""
     embedder, device = model.y_embedder, model.pos_embed.device
     classes = torch.linspace(0, embedder.num_classes - 1, min(8, embedder.num_classes)).round().long()
     labels = classes.repeat_interleave(2)
@@ -409,7 +409,8 @@ def write_samples(model, ema, vae, path):
     model.load_state_dict(ema, strict=False)
     model_fn, copies = model.guided(labels.to(device), "fine" if embedder.num_superclasses else "cfg", 4.0)
     x = run_sampler("dpm++", model_fn, z.repeat(copies, 1, 1, 1), steps=10, progress=False)[: len(labels)]
-    data.save_grid(data.to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x), path, cols=2)
+    data.save_grid(data.to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x), path, cols=2,
+                   row_names=[class_names[c] for c in classes], titles=[f"step {step}"])
     model.load_state_dict(trained, strict=False)
     model.train()
 
@@ -529,8 +530,9 @@ def main(args):
             progress.update()
             meter.update(step, mean_loss)
             if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                write_samples(model, ema, vae, os.path.join(run_dir, "samples", f"{step:07d}.png"))
-                log(f"samples at step {step}: {run_dir}/samples/{step:07d}.png")
+                grid = os.path.join(run_dir, "samples", f"{step:07d}.png")
+                write_samples(model, ema, vae, grid, hierarchy.class_names, step)
+                log(f"samples at step {step}: {grid}")
             if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
                 last_saved = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
                 save(last_saved)

@@ -10,9 +10,7 @@ utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each m
 `--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
 runs read from their metrics.jsonl (`--runs results/*`).
 """
-import json
 import multiprocessing
-import os
 import resource
 import time
 
@@ -22,7 +20,7 @@ import torch
 from data import NON_NEGATIVE, POSITIVE, Parser, number, run_script
 from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
 from model import DIT_CONFIGS, AutoencoderKL, DiT, dit_name
-from peft import METHODS, checkpoint_path, merge, parameter_table, prepare, read_checkpoint
+from peft import METHODS, checkpoint_path, merge, parameter_table, prepare, read_checkpoint, read_metrics
 from train import autocast_forward
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
@@ -178,12 +176,12 @@ def training_throughput(runs):
     """{method: median images/s} over the logged steps of train.py runs (the median: start-up aside)."""
     speeds = {}
     for run in runs:
-        path = os.path.join(run, "metrics.jsonl")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{run} is not a train.py run folder: it has no metrics.jsonl")
-        with open(path) as f:
-            for record in map(json.loads, f):
-                speeds.setdefault(record["method"], []).append(record["images_per_s"])
+        try:
+            records = read_metrics(run)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e))
+        for record in records:
+            speeds.setdefault(record["method"], []).append(record["images_per_s"])
     return {method: float(np.median(values)) for method, values in speeds.items()}
 
 

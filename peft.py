@@ -17,6 +17,7 @@ that freezes part of the base holds only what trained, plus what it takes to reb
 """
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from typing import Callable
@@ -399,6 +400,18 @@ def run_folder(checkpoint):
     """The train.py run folder a checkpoint file lies in (<run>/checkpoints/<step>.pt), or None outside one."""
     folder = os.path.dirname(os.path.abspath(checkpoint))
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+
+METRICS_FILE = "metrics.jsonl"  # in a run folder: one JSON object per logged step (train.py's Meter writes them)
+
+
+def read_metrics(run):
+    """A train.py run folder -> its logged steps, each {step, loss, steps_per_s, images_per_s, lr, method}."""
+    path = os.path.join(run, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run} is not a train.py run folder: it has no {METRICS_FILE}")
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def read_checkpoint(path):

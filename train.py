@@ -27,8 +27,8 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, Checkpoint, checkpoint_path, count_parameters, load_base, named_runs, prepare,
-                  read_checkpoint, run_folder, save_checkpoint, trainable_state_dict)
+from peft import (METHODS, METRICS_FILE, Checkpoint, checkpoint_path, count_parameters, load_base, named_runs,
+                  prepare, read_checkpoint, run_folder, save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -227,7 +227,7 @@ class Log:
     """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl."""
 
     def __init__(self, run_dir, rank):
-        names = ("log.txt", "metrics.jsonl")
+        names = ("log.txt", METRICS_FILE)
         self.files = [open(os.path.join(run_dir, name), "a") for name in names] if rank == 0 else None
 
     def __call__(self, message, **metrics):

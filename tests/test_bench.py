@@ -8,7 +8,7 @@ import pytest
 
 import bench
 from diffusion import SAMPLER_STEPS
-from peft import METHODS, count_parameters, load_model
+from peft import METHODS, METRICS_FILE, count_parameters, load_model
 
 
 def write_metrics(run_dir, method, images_per_s):
@@ -16,7 +16,7 @@ def write_metrics(run_dir, method, images_per_s):
     run_dir.mkdir()
     lines = [json.dumps(dict(step=100 * (i + 1), loss=0.15, steps_per_s=v / 256, images_per_s=v, lr=1e-4,
                              method=method)) for i, v in enumerate(images_per_s)]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / METRICS_FILE).write_text("\n".join(lines) + "\n")
 
 
 def test_table2_from_peft_and_run_metrics(tmp_path, capsys):
@@ -35,6 +35,9 @@ def test_table2_from_peft_and_run_metrics(tmp_path, capsys):
     assert rows["lora"].endswith("| – | – |")  # no run
     bench.main(["--table", "--model", "DiT-S/2", "--image-size", "64"])
     assert "Images/s" not in capsys.readouterr().out  # without runs: parameters only
+    (tmp_path / "002-not-a-run").mkdir()
+    with pytest.raises(SystemExit, match=f"002-not-a-run is not a train.py run folder: it has no {METRICS_FILE}"):
+        bench.training_throughput(runs + [str(tmp_path / "002-not-a-run")])
 
 
 def test_table2_counts_the_model_a_run_trained(toy_runs, capsys):

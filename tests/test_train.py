@@ -1,6 +1,5 @@
 """Training: exact resume, torchrun DDP on CPU, precision and checkpointing, bases of any shape, clear errors."""
 import glob
-import json
 import os
 import re
 import shutil
@@ -19,18 +18,13 @@ import sample
 import train
 from conftest import ROOT, fixture, write_tiny_vae
 from model import AutoencoderKL, DiT, load_vae_state_dict
-from peft import checkpoint_path, load_model, read_checkpoint, trainable_state_dict
+from peft import METRICS_FILE, checkpoint_path, load_model, read_checkpoint, read_metrics, trainable_state_dict
 
 
 def toy_args(toy_runs, tmp_path, *extra, base=None):
     """The toy fine-tuning run's flags (on the toy base, or `base`), writing into this test's own results folder."""
     return train.parse_args(toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--results-dir",
                                                   str(tmp_path), "--ckpt", str(base or toy_runs["base"]), *extra])
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_resume_is_bit_identical(toy_runs, tmp_path):
@@ -57,7 +51,7 @@ def test_checkpoint_holds_exactly_what_trained(toy_runs):
     assert set(checkpoint.model) == set(checkpoint.ema) == set(trainable_state_dict(model))
     rows = model.y_embedder.embedding_table.num_embeddings
     assert rows == len(checkpoint.hierarchy["class_names"]) + len(checkpoint.hierarchy["superclass_names"])
-    assert [m["step"] for m in metrics(toy_runs["run_dir"])] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(toy_runs["run_dir"])] == [1, 2, 3, 4]
 
 
 def test_torchrun_two_processes_stay_in_sync(toy_runs, tmp_path):
@@ -155,7 +149,7 @@ def test_bf16_on_cpu_is_close_to_fp32(toy_runs, tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):
         _, run_dir = train.main(toy_args(toy_runs, tmp_path / precision, "--precision", precision, "--max-steps", "1"))
-        losses[precision] = metrics(run_dir)[0]["loss"]
+        losses[precision] = read_metrics(run_dir)[0]["loss"]
     assert losses["bf16"] != losses["fp32"]  # it did run in bf16
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * losses["fp32"]
 
@@ -184,7 +178,7 @@ def test_latent_training_from_the_cache(toy_runs, tmp_path):
              "--latent-cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
     model, run_dir = train.main(train.parse_args(args))
     assert model.in_channels == f["config"]["latent_channels"] and (tmp_path / "cache" / "latents.npy").exists()
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
     with pytest.raises(SystemExit, match="stale: it was built from a different hflip"):  # the other flip setting
         train.main(train.parse_args(args + ["--no-hflip"]))
 
@@ -244,7 +238,7 @@ def test_resume_changes_what_is_safe_and_refuses_the_rest(toy_runs, tmp_path):
     train.main(train.parse_args(["--resume", start, "--lr", "5e-3", "--max-steps", "5"]))
     assert "changed on resume: --lr None -> 0.005, --max-steps 4 -> 5" in (run_dir / "log.txt").read_text()
     assert read_checkpoint(str(run_dir / "checkpoints" / "0000005.pt")).optimizer["param_groups"][0]["lr"] == 5e-3
-    assert metrics(run_dir)[-1] == dict(metrics(run_dir)[-1], step=5, lr=5e-3)
+    assert read_metrics(run_dir)[-1] == dict(read_metrics(run_dir)[-1], step=5, lr=5e-3)
 
 
 def test_resume_follows_a_moved_base(toy_runs, tmp_path):
@@ -267,7 +261,7 @@ def test_a_stop_signal_saves_and_the_resume_is_bit_identical(toy_runs, tmp_path,
                                  "--max-steps", "100000", "--ckpt-every", "100000"]
     run = subprocess.Popen([sys.executable, "train.py", *args, "--results-dir", str(tmp_path / "stopped")], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics_file = tmp_path / "stopped" / "000-DiT-T-4-finediffusion" / "metrics.jsonl"
+    metrics_file = tmp_path / "stopped" / "000-DiT-T-4-finediffusion" / METRICS_FILE
     while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
         assert run.poll() is None, run.stderr.read()[-2000:]
         time.sleep(0.05)

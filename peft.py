@@ -16,6 +16,7 @@ What a method adds lives in small nn.Linear subclasses that keep the official ke
 that freezes part of the base holds only what trained, plus what it takes to rebuild the model on its base.
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -369,49 +370,9 @@ def as_checkpoint(contents, source):
     return Checkpoint(**{name: contents[name] for name in names})
 
 
-def named_runs(name, results_dir="results"):
-    """The run folders results_dir/NNN-<name> (train.py's numbering), newest (highest number) first."""
-    if not os.path.isdir(results_dir):
-        return []
-    runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [name]]
-    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))]
-
-
-def checkpoint_path(path, results_dir="results"):
-    """A checkpoint file; or a run folder of train.py, or a run's name (its --run-name or model-method: the newest
-    results_dir/NNN-<name>) -> its newest checkpoint (the highest step)."""
-    if not os.path.exists(path):
-        path = next(iter(named_runs(path, results_dir)), path)
-    if os.path.isdir(path):
-        saved = sorted(f for f in os.listdir(os.path.join(path, "checkpoints")) if f.endswith(".pt")) \
-            if os.path.isdir(os.path.join(path, "checkpoints")) else []
-        if not saved:
-            raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no checkpoints/*.pt")
-        return os.path.join(path, "checkpoints", saved[-1])
-    return path
-
-
 WEIGHTS_HELP = ("which weights of a training checkpoint (ours, or official {model, ema}): ema, their moving average "
                 "(what the papers sample), or raw, the trained values themselves. Early in a short fine-tune the EMA "
                 "is still mostly the base model")
-
-
-def run_folder(checkpoint):
-    """The train.py run folder a checkpoint file lies in (<run>/checkpoints/<step>.pt), or None outside one."""
-    folder = os.path.dirname(os.path.abspath(checkpoint))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
-
-
-METRICS_FILE = "metrics.jsonl"  # in a run folder: one JSON object per logged step (train.py's Meter writes them)
-
-
-def read_metrics(run):
-    """A train.py run folder -> its logged steps, each {step, loss, steps_per_s, images_per_s, lr, method}."""
-    path = os.path.join(run, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run} is not a train.py run folder: it has no {METRICS_FILE}")
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def read_checkpoint(path):
@@ -495,3 +456,83 @@ def read_label_table(path, weights="ema"):
         raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: pass a checkpoint of train.py, an official "
                          f"FineDiffusion checkpoint or a DiT state dict")
     return state_dict[LABEL_TABLE_KEY].float(), None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Run folders: results/NNN-<name>/ holds checkpoints/<step, 7 digits>.pt, log.txt, metrics.jsonl (one JSON object
+# per logged step) and samples/. The one place that knows this layout.
+
+CHECKPOINTS_DIR, METRICS_FILE = "checkpoints", "metrics.jsonl"
+
+
+def create_run_folder(results_dir, name):
+    """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive mkdir
+    fails when another run took the number first, and the next number is tried."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
+        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        try:
+            os.mkdir(run_dir)
+        except FileExistsError:
+            continue
+        os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
+        return run_dir
+
+
+def checkpoint_file(run_dir, step):
+    """Where train.py saves a run's checkpoint of `step`."""
+    return os.path.join(run_dir, CHECKPOINTS_DIR, f"{step:07d}.pt")
+
+
+def saved_checkpoints(run_dir):
+    """A run folder's checkpoint files, the lowest step first ([] where there are none)."""
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), CHECKPOINTS_DIR, "*.pt")))
+
+
+def interrupted_saves(run_dir):
+    """The glob pattern of the temporaries save_checkpoint leaves in a run folder when a kill interrupts it."""
+    return os.path.join(glob.escape(run_dir), CHECKPOINTS_DIR, "*.pt.*.tmp")
+
+
+def run_folder(checkpoint):
+    """The run folder a checkpoint file lies in, or None outside one."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(folder) if os.path.basename(folder) == CHECKPOINTS_DIR else None
+
+
+def named_runs(name, results_dir="results"):
+    """The run folders results_dir/NNN-<name>, newest (highest number) first."""
+    if not os.path.isdir(results_dir):
+        return []
+    runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [name]]
+    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))]
+
+
+def newest_checkpoint(results_dir="results"):
+    """The checkpoint written last by any run in results_dir, or None."""
+    found = [path for run in glob.glob(os.path.join(glob.escape(results_dir), "*")) for path in saved_checkpoints(run)]
+    return max(found, key=os.path.getmtime, default=None)
+
+
+def checkpoint_path(path, results_dir="results"):
+    """A checkpoint file; or a run folder, or a run's name (its --run-name or model-method: the newest
+    results_dir/NNN-<name>) -> its newest checkpoint (the highest step)."""
+    if not os.path.exists(path):
+        path = next(iter(named_runs(path, results_dir)), path)
+    if os.path.isdir(path):
+        saved = saved_checkpoints(path)
+        if not saved:
+            raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no "
+                                    f"{CHECKPOINTS_DIR}/*.pt")
+        return saved[-1]
+    return path
+
+
+def read_metrics(run):
+    """A run folder -> its logged steps, each {step, loss, steps_per_s, images_per_s, lr, method}."""
+    path = os.path.join(run, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run} is not a train.py run folder: it has no {METRICS_FILE}")
+    with open(path) as f:
+        return [json.loads(line) for line in f]

@@ -11,7 +11,6 @@ Images of a class from a trained model, with FineDiffusion's superclass guidance
 checkpoint), official DiT-XL/2 files, and official FineDiffusion checkpoints (with --hierarchy, their class list).
 Images go to the samples/ folder of the checkpoint's run unless --out says where; nothing is overwritten.
 """
-import glob
 import math
 import os
 
@@ -69,13 +68,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------------------------------------
 # Loading any checkpoint into (model, hierarchy, vae path)
-
-
-def newest_checkpoint(results_dir="results"):
-    found = glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt"))
-    if not found:
-        raise SystemExit("no checkpoint under results/: train one (README) or pass --ckpt")
-    return max(found, key=os.path.getmtime)
 
 
 def load_model(args):
@@ -221,9 +213,11 @@ def main(args):
     """-> the grid, or the folder of a bulk run, it wrote."""
     rank, world_size, device = setup_distributed()
     try:
-        args.ckpt = peft.checkpoint_path(args.ckpt) if args.ckpt else newest_checkpoint()
+        args.ckpt = peft.checkpoint_path(args.ckpt) if args.ckpt else peft.newest_checkpoint()
     except FileNotFoundError as e:
         raise SystemExit(f"--ckpt: {e}")
+    if args.ckpt is None:
+        raise SystemExit("no checkpoint under results/: train one (python train.py --toy) or pass --ckpt")
     if args.list_classes is not None:
         return list_classes(args)
     if args.num_samples and len(args.guidance or []) > 1:

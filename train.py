@@ -27,8 +27,9 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, METRICS_FILE, Checkpoint, checkpoint_path, count_parameters, load_base, named_runs,
-                  prepare, read_checkpoint, run_folder, save_checkpoint, trainable_state_dict)
+from peft import (METHODS, METRICS_FILE, Checkpoint, checkpoint_file, checkpoint_path, count_parameters,
+                  create_run_folder, interrupted_saves, load_base, named_runs, prepare, read_checkpoint, run_folder,
+                  save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -191,21 +192,6 @@ def continues_in_place(checkpoint):
     return run is not None and os.path.samefile(checkpoint_path(run), checkpoint)
 
 
-def create_run_dir(results_dir, name):
-    """results_dir/NNN-name, NNN one above the highest number there (peft.named_runs reads them), made by this
-    process alone: the exclusive mkdir fails when another run took the number first, and the next number is tried."""
-    os.makedirs(results_dir, exist_ok=True)
-    while True:
-        taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
-        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
-        try:
-            os.mkdir(run_dir)
-        except FileExistsError:
-            continue
-        os.mkdir(os.path.join(run_dir, "checkpoints"))
-        return run_dir
-
-
 def open_run(args, dit_config, rank, world_size):
     """The run folder (rank 0 decides, every rank learns it): the resumed run's, or a new one."""
     run_dir = [None]
@@ -213,11 +199,11 @@ def open_run(args, dit_config, rank, world_size):
         old_run = run_folder(args.resume) if args.resume else None
         if args.resume and continues_in_place(args.resume):
             run_dir = [old_run]
-            data.remove_stale_temporaries(os.path.join(run_dir[0], "checkpoints", "*.pt.*.tmp"))  # killed saves
+            data.remove_stale_temporaries(interrupted_saves(run_dir[0]))  # of processes that no longer run
         else:  # a new run, or a branch: beside the run it continues unless --results-dir says where
             results_dir = os.path.dirname(old_run) if old_run and "results_dir" not in args.given else args.results_dir
             model_name = dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}"
-            run_dir = [create_run_dir(results_dir, args.run_name or f"{model_name.replace('/', '-')}-{args.method}")]
+            run_dir = [create_run_folder(results_dir, args.run_name or f"{model_name.replace('/', '-')}-{args.method}")]
     if world_size > 1:
         dist.broadcast_object_list(run_dir)
     return run_dir[0]
@@ -534,7 +520,7 @@ def main(args):
                 write_samples(model, ema, vae, grid, hierarchy.class_names, step)
                 log(f"samples at step {step}: {grid}")
             if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
-                last_saved = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                last_saved = checkpoint_file(run_dir, step)
                 save(last_saved)
                 log(f"saved {last_saved}")
             if stopping:

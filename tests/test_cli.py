@@ -40,6 +40,7 @@ def cases(toy):
         ("sample", ["--ckpt", "{bad}/empty.pt", "--class", "1"], "cannot be read as a checkpoint"),
         ("sample", ["--ckpt", "{bad}/text.pt", "--class", "1"], "cannot be read as a checkpoint"),
         ("sample", ["--ckpt", "{bad}/missing.pt", "--class", "1"], "no checkpoint file"),
+        ("sample", ["--class", "1"], "no checkpoint under results/"),
         ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],
          "broken.json is not valid JSON"),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "999"], "valid ids are 0.."),

@@ -1,11 +1,15 @@
 """Fine-tuning methods: exact parameter counts, what trains, what a fresh model promises, merging, checkpoints."""
+import glob
+import os
+
 import pytest
 import torch
 
 from conftest import dit_from_fixture, fixture
 from model import DIT_CONFIGS, DiT
-from peft import (METHODS, Checkpoint, base_fingerprint, load_model, merge, parameter_table, prepare,
-                  read_checkpoint, save_checkpoint, trainable_state_dict)
+from peft import (METHODS, Checkpoint, base_fingerprint, checkpoint_file, checkpoint_path, create_run_folder,
+                  interrupted_saves, load_model, merge, named_runs, newest_checkpoint, parameter_table, prepare,
+                  read_checkpoint, run_folder, saved_checkpoints, save_checkpoint, trainable_state_dict)
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
 
@@ -178,3 +182,23 @@ def test_unknown_method_and_missing_hierarchy():
         prepare(dit_from_fixture(f), "finediffusion", [0] * len(PARENTS), num_superclasses=0)
     with pytest.raises(ValueError, match="no option"):
         prepare(dit_from_fixture(f), "bitfit", PARENTS, lora_rank=4)
+
+
+def test_run_folders(tmp_path):
+    """results/NNN-<name>: numbered above the highest there, found by name (newest first) and by their checkpoints
+    (the highest step of one run; the newest written of all runs); a checkpoint leads back to its run."""
+    results = str(tmp_path / "results[1]")  # a glob character in the path is taken literally
+    os.makedirs(os.path.join(results, "007-someone-else"))
+    runs = [create_run_folder(results, "fd") for _ in range(2)]
+    assert [os.path.basename(r) for r in runs] == ["008-fd", "009-fd"] and named_runs("fd", results) == runs[::-1]
+    assert newest_checkpoint(results) is None and saved_checkpoints(runs[0]) == []
+    for run, steps in ((runs[1], (20, 100)), (runs[0], (5,))):  # runs[0]'s is written last
+        for step in steps:
+            open(checkpoint_file(run, step), "w").close()
+    assert saved_checkpoints(runs[1]) == [checkpoint_file(runs[1], 20), checkpoint_file(runs[1], 100)]
+    assert checkpoint_path("fd", results) == checkpoint_file(runs[1], 100) == checkpoint_path(runs[1])
+    os.utime(checkpoint_file(runs[0], 5), (2e9, 2e9))
+    assert newest_checkpoint(results) == checkpoint_file(runs[0], 5)
+    assert os.path.samefile(run_folder(checkpoint_file(runs[1], 20)), runs[1]) and run_folder(__file__) is None
+    open(checkpoint_file(runs[1], 30) + ".123.tmp", "w").close()
+    assert [os.path.basename(p) for p in glob.glob(interrupted_saves(runs[1]))] == ["0000030.pt.123.tmp"]

@@ -752,8 +752,9 @@ def main(argv=None):
             num_superclasses = int(class_to_superclass.max()) + 1
             names = names or [f"superclass {s}" for s in range(num_superclasses)]
             if table.shape[0] < len(class_to_superclass) + num_superclasses:
-                raise ValueError(f"the label table has {table.shape[0]} rows; the class map needs "
-                                 f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows")
+                raise ValueError(f"{checkpoint}: its label table has {table.shape[0]} rows, and Figure 7 needs the "
+                                 f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows of a tiered "
+                                 f"table, as --method finediffusion trains (others have a row per class + a null row)")
             fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
                                                            perplexity=args.perplexity, iterations=args.iterations,
                                                            seed=args.seed, device=args.device)
@@ -761,6 +762,7 @@ def main(argv=None):
             draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
                          title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
             print(f"saved {out} (the {args.weights} label table)")
+            return out
     except (ValueError, FileNotFoundError) as e:  # what the files given say is wrong with them, in one line
         raise SystemExit(str(e).replace("\n", " "))
 

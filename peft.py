@@ -462,7 +462,7 @@ def read_label_table(path, weights="ema"):
 # Run folders: results/NNN-<name>/ holds checkpoints/<step, 7 digits>.pt, log.txt, metrics.jsonl (one JSON object
 # per logged step) and samples/. The one place that knows this layout.
 
-CHECKPOINTS_DIR, METRICS_FILE = "checkpoints", "metrics.jsonl"
+CHECKPOINTS_DIR, SAMPLES_DIR, METRICS_FILE = "checkpoints", "samples", "metrics.jsonl"
 
 
 def create_run_folder(results_dir, name):

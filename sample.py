@@ -90,7 +90,7 @@ def output_path(args, name, companions=()):
     outside any run); never a path that is taken."""
     if args.out:
         return new_file(args.out.rstrip("/"), "--out", companions)
-    return new_file(os.path.join(peft.run_folder(args.ckpt) or ".", "samples", name), companions=companions)
+    return new_file(os.path.join(peft.run_folder(args.ckpt) or ".", peft.SAMPLES_DIR, name), companions=companions)
 
 
 def list_classes(args):

@@ -3,7 +3,7 @@ Fine-tune a pre-trained DiT with any method of peft.py (or train one from scratc
 
     torchrun --nproc_per_node=8 train.py --method finediffusion --data inat --data-path /data/inat2021 \\
         --ckpt pretrained/DiT-XL-2-256x256.pt --vae pretrained/sd-vae-ft-ema
-    python train.py --toy            # the README's two-stage toy experiment on a CPU, in one command (6.5 min, 2 cores)
+    python train.py --toy            # the README's two-stage toy experiment on a CPU, in one command (7 min, 2 cores)
 
 torch.distributed DDP directly (nccl on GPUs, gloo on CPU); frozen parameters get no gradients, no optimizer
 state and no all-reduce. Checkpoints (peft.py's format) hold only what the method trains, plus EMA, optimizer, step
@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, METRICS_FILE, Checkpoint, checkpoint_file, checkpoint_path, count_parameters,
+from peft import (METHODS, METRICS_FILE, SAMPLES_DIR, Checkpoint, checkpoint_file, checkpoint_path, count_parameters,
                   create_run_folder, interrupted_saves, load_base, named_runs, prepare, read_checkpoint, run_folder,
                   save_checkpoint, trainable_state_dict)
 
@@ -516,7 +516,7 @@ def main(args):
             progress.update()
             meter.update(step, mean_loss)
             if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                grid = os.path.join(run_dir, "samples", f"{step:07d}.png")
+                grid = os.path.join(run_dir, SAMPLES_DIR, f"{step:07d}.png")
                 write_samples(model, ema, vae, grid, hierarchy.class_names, step)
                 log(f"samples at step {step}: {grid}")
             if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
@@ -570,14 +570,13 @@ def toy_experiment(args):
     tiered = METHODS[args.method].tiered
     grid = sample.main(sample.parse_args([
         "--ckpt", run_dir, "--class", "all", "--n", "6", "--with-data", "--guidance", "fine" if tiered else "cfg",
-        "none", "--sampler", "dpm++", "--out", os.path.join(run_dir, "samples", "every-class.png")]))
+        "none", "--sampler", "dpm++", "--out", os.path.join(run_dir, SAMPLES_DIR, "every-class.png")]))
     outputs = [("samples", grid)]
     if tiered:  # Figure 7 needs superclass rows
-        evaluate.main(["tsne", "--checkpoint", run_dir, "--out", os.path.join(run_dir, "tsne.png")])
-        outputs.append(("t-SNE", os.path.join(run_dir, "tsne.png")))
+        outputs.append(("t-SNE", evaluate.main(["tsne", "--checkpoint", run_dir])))  # into the run folder
     same_base = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in TOY_SHARED if k in args.given)
     print(f"\ntoy experiment done in {duration(time.time() - started)}: {run_dir}\n"
-          + "".join(f"  {name:8s} {path}\n" for name, path in outputs) + "next:\n"
+          + "".join(f"  {name:8s} {os.path.relpath(path)}\n" for name, path in outputs) + "next:\n"
           f"  python sample.py --ckpt {run_dir} --class disc_e          # one class, by name or id\n"
           f"  python sample.py --ckpt {run_dir} --class all --sampler ddpm   # the papers' 250-step sampler\n"
           f"  python train.py --toy --method lora{same_base}      # another method on the same base")

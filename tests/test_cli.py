@@ -62,6 +62,7 @@ def cases(toy):
         ("evaluate", ["tsne", "--checkpoint", "{bad}/missing.pt"], "no checkpoint file"),
         ("evaluate", ["tsne", "--checkpoint", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
         ("evaluate", ["tsne", "--checkpoint", toy["checkpoint"], "--perplexity", "0"], "> 0.0"),
+        ("evaluate", ["tsne", "--checkpoint", toy["base"]], "superclass rows of a tiered table"),
         ("evaluate", ["table", "{bad}/broken.json"], "broken.json is not valid JSON"),
         ("evaluate", ["fid", "--samples", "x.npz", "--ref", "y.npz", "--inception", "{bad}/none.pth"],
          "pytorch-fid"),

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data import NON_NEGATIVE, POSITIVE, Parser, number, run_script
 from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
@@ -83,18 +84,22 @@ def forward_flops(args):
     return 2 * L * T * (12 * D * D + 2 * T * D)
 
 
-def timed(fn, steps, device, warmup=3):
-    """Seconds per call of fn, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+def timed(fn, steps, device, warmup=3, desc=None):
+    """Seconds per call of fn, after `warmup` calls; with desc, a progress bar over all of them (on a CPU a large
+    model takes minutes a call)."""
+    with tqdm(total=warmup + steps, desc=desc, disable=desc is None, leave=False) as bar:
+        for _ in range(warmup):
+            fn()
+            bar.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+            bar.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
 
 
 def train_step_worker(args, method, queue):
@@ -120,7 +125,7 @@ def train_step_worker(args, method, queue):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, args.steps, device)
+    seconds = timed(step, args.steps, device, desc=f"{method}: training steps")
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     queue.put((seconds, peak / 2**30))
@@ -130,7 +135,7 @@ def sampling_throughput(args, device):
     """Images/s of guided DDPM steps: the base DiT and every method's merged model run at the same speed."""
     diffusion = create_diffusion(str(args.sample_steps))
     results = {}
-    for method in ["base"] + [m for m in methods(args) if m != "full"]:
+    for method in tqdm(["base"] + [m for m in methods(args) if m != "full"], desc="guided sampling", leave=False):
         torch.manual_seed(0)
         model = (DiT(**dit_config(args)).to(device) if method == "base" else merge(build(args, method, device))).eval()
         n = args.batch_size
@@ -160,7 +165,7 @@ def sampler_comparison(args, device):
     t = torch.full((copies * args.batch_size,), 500, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         timed(lambda: model_fn(z.repeat(copies, 1, 1, 1), t), 1, device)  # warm-up: kernels, allocator
-        for name in samplers(args):
+        for name in tqdm(samplers(args), desc="samplers", leave=False):
             calls.clear()
             seconds = timed(lambda: run_sampler(name, counted, z.repeat(copies, 1, 1, 1), progress=False), 1, device,
                             warmup=0)
@@ -253,6 +258,9 @@ def main(argv=None):
         worker = context.Process(target=train_step_worker, args=(args, method, queue))
         worker.start()
         worker.join()  # its result is a small tuple: it fits the queue's pipe, so joining first cannot deadlock
+        if worker.exitcode < 0:  # killed by a signal: it had no chance to say why
+            raise SystemExit(f"the {method} benchmark was killed by signal {-worker.exitcode} (SIGKILL: most likely "
+                             f"out of memory): try a smaller --batch-size or --model")
         if worker.exitcode != 0:
             raise SystemExit(f"the {method} benchmark failed (exit code {worker.exitcode}): its error is above")
         rows[method] = queue.get()

@@ -735,6 +735,16 @@ def read_images(dataset, indices=None, batch_size=64, num_workers=4, rank=0):
             yield np.array([j for j, _ in good]), torch.stack([p for _, p in good])
 
 
+def cache_folder_problem(cache_dir):
+    """Why cache_dir cannot take a latent cache, or None. A cache is written into a new folder, an empty one, or its
+    own: one that holds other files (a mistyped data path, say) is refused, so nothing of the user's is written over."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        return f"{cache_dir} is a file, not a folder for a latent cache: give a new or empty folder"
+    if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.isfile(os.path.join(cache_dir, "meta.json")):
+        return f"{cache_dir} holds other files and no latent cache (no meta.json): give a new or empty folder for it"
+    return None
+
+
 def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size=32, num_workers=4,
                        dtype="float16"):
     """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache -> LatentDataset.
@@ -745,8 +755,8 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
                   dtype=np.dtype(dtype).name)
     state = None  # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
     if rank == 0:
-        state = "build"
-        if os.path.isfile(meta_path):
+        state = cache_folder_problem(cache_dir) or "build"
+        if state == "build" and os.path.isfile(meta_path):
             with open(meta_path) as f:
                 found = json.load(f)
             differs = [k for k in wanted if found.get(k) != wanted[k]]

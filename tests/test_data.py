@@ -373,6 +373,12 @@ def test_latent_cache_is_reused_and_a_stale_one_refused(tmp_path, vae):
     other_vae = AutoencoderKL.from_config(fixture("vae_tiny.pt")["config"]).eval()
     with pytest.raises(ValueError, match="stale.*vae"):
         data.build_latent_cache(dataset, other_vae, cache_dir, num_workers=0)
+    (tmp_path / "mine").mkdir()  # a folder of the user's: refused, and nothing written into it
+    (tmp_path / "mine" / "labels.npy").write_bytes(b"the user's")
+    with pytest.raises(ValueError, match="holds other files and no latent cache"):
+        data.build_latent_cache(dataset, vae, str(tmp_path / "mine"), num_workers=0)
+    assert os.listdir(tmp_path / "mine") == ["labels.npy"]
+    assert (tmp_path / "mine" / "labels.npy").read_bytes() == b"the user's"
 
 
 def build_on_rank(rank, world_size, images, cache_dir, rendezvous):

@@ -661,6 +661,9 @@ def load_dataset(kind, path, image_size, split=None, hflip=True):
         path = path or os.path.join("cache", "toy")
         if split not in TOY_SPLITS:
             raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--data toy: the data path {path!r} is a file; the toy set is generated into a folder "
+                             f"(made if missing)")
         if not distributed() or dist.get_rank() == 0:
             make_toy_dataset(path, image_size=image_size)
         if distributed():  # the other ranks wait for rank 0's files

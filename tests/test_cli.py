@@ -53,6 +53,8 @@ def cases(toy):
         ("train", ["--lr", "nan"], "> 0.0"),
         ("train", ["--num-workers", "-1"], ">= 0"), ("train", ["--image-size", "abc"], "not an integer"),
         ("train", train_toy + ["--split", "nope"], "toy split 'nope'"),
+        ("train", train_toy + ["--data-path", "{bad}/text.pt"], "is a file; the toy set is generated into a folder"),
+        ("train", train_toy + ["--results-dir", "{bad}/text.pt"], "text.pt is a file: give a folder"),
         ("train", train_toy + ["--image-size", "18"], "do not split into the model's 4 px patches"),
         ("train", train_toy[:-2] + ["--ckpt", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
         ("train", ["--resume", "{bad}/text.pt"], "cannot be read as a checkpoint"),

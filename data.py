@@ -89,6 +89,11 @@ def new_file(path, flag=None, companions=()):
     taken = lambda p: any(os.path.exists(p + suffix) for suffix in ("",) + tuple(companions))
     if flag and taken(path):
         raise SystemExit(f"{flag} {path} exists and is not overwritten: give a new path, or move the old one away")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the folders are made when written: the nearest one that exists must be one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{flag or 'the output'} {path}: {folder} is a file, not a folder")
     stem, ext = os.path.splitext(path)
     k = 0
     while taken(path):

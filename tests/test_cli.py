@@ -41,6 +41,8 @@ def cases(toy):
         ("sample", ["--ckpt", "{bad}/text.pt", "--class", "1"], "cannot be read as a checkpoint"),
         ("sample", ["--ckpt", "{bad}/missing.pt", "--class", "1"], "no checkpoint file"),
         ("sample", ["--class", "1"], "no checkpoint under results/"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--out", "{bad}/text.pt/grid.png"], "is a file, not a"),
+        ("evaluate", ["tsne", "--checkpoint", toy["checkpoint"], "--out", "{bad}/text.pt/t.png"], "is a file, not a"),
         ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],
          "broken.json is not valid JSON"),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "999"], "valid ids are 0.."),

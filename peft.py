@@ -218,8 +218,6 @@ def replace_label_table(model, class_to_superclass, num_superclasses, null_row, 
     """
     old = model.y_embedder
     table = old.embedding_table.weight
-    if (init == "null" or null_row) and old.null_index is None:
-        raise ValueError("the base model has no null label row to start from (it is not an ImageNet DiT)")
     new = TieredEmbedder(len(class_to_superclass), table.shape[1], p_parent, class_to_superclass, num_superclasses,
                          null_row)
     new = new.to(device=table.device, dtype=table.dtype)
@@ -231,6 +229,17 @@ def replace_label_table(model, class_to_superclass, num_superclasses, null_row, 
         if null_row:
             new.embedding_table.weight[new.null_index] = table[old.null_index]
     model.y_embedder = new
+
+
+def base_problem(model, method):
+    """Why `method` cannot fine-tune this base, or None: a null row of the new table (every method but
+    FineDiffusion's) starts as the base's, which a base with a tiered table has not."""
+    spec = METHODS[method]
+    if (not spec.tiered or spec.label_init == "null") and model.y_embedder.null_index is None:
+        return (f"{method} starts its null label row from the base's, and this base has none: its table is a tiered "
+                f"one (fine + superclass rows, as FineDiffusion trains). Fine-tune a base with a null row, such as an "
+                f"ImageNet DiT, or use --method finediffusion")
+    return None
 
 
 def prepare(model, method, class_to_superclass, num_superclasses=None, p_parent=0.1, **options):
@@ -250,6 +259,8 @@ def prepare(model, method, class_to_superclass, num_superclasses=None, p_parent=
         num_superclasses = max(class_to_superclass, default=-1) + 1
     if spec.tiered and not num_superclasses:
         raise ValueError(f"{method} needs the class hierarchy (the superclass of every fine class)")
+    if problem := base_problem(model, method):
+        raise ValueError(problem)
     replace_label_table(model, class_to_superclass, num_superclasses if spec.tiered else 0, null_row=not spec.tiered,
                         init=spec.label_init, p_parent=p_parent)
     if spec.adds is not None:

@@ -27,9 +27,9 @@ from tqdm import tqdm
 import data
 from diffusion import create_diffusion, run_sampler
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
-from peft import (METHODS, METRICS_FILE, SAMPLES_DIR, Checkpoint, checkpoint_file, checkpoint_path, count_parameters,
-                  create_run_folder, interrupted_saves, load_base, named_runs, prepare, read_checkpoint, run_folder,
-                  save_checkpoint, trainable_state_dict)
+from peft import (METHODS, METRICS_FILE, SAMPLES_DIR, Checkpoint, base_problem, checkpoint_file, checkpoint_path,
+                  count_parameters, create_run_folder, interrupted_saves, load_base, named_runs, prepare,
+                  read_checkpoint, run_folder, save_checkpoint, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -321,6 +321,8 @@ def load_network(args, vae):
         except (ValueError, FileNotFoundError) as e:
             moved = " (a base that moved: resume with --ckpt <its new path>, checked by its fingerprint)"
             raise SystemExit(f"--ckpt: {e}" + (moved if args.resume else ""))
+        if problem := base_problem(model, args.method):
+            raise SystemExit(f"--ckpt {args.ckpt}: {problem}")
         if model.in_channels != channels:
             raise SystemExit(f"--ckpt {args.ckpt} expects {model.in_channels} input channels, but --vae {args.vae} "
                              f"gives {channels}")
@@ -447,7 +449,10 @@ def main(args):
     model, base = load_network(args, vae)
     dataset, hierarchy = load_data(args, vae, rank, world_size)
     dit_config, options = model.config, method_options(args, hierarchy)
-    prepare(model, args.method, **options)
+    try:
+        prepare(model, args.method, **options)
+    except ValueError as e:  # data without the hierarchy the method needs
+        raise SystemExit(f"--method {args.method}: {e}")
     if resume and (resume.base or {}).get("sha256") != (base or {}).get("sha256"):
         raise SystemExit(f"--resume: the checkpoint was trained on the base {resume.base['path']}; --ckpt "
                          f"{args.ckpt} is another file (its tensors differ)")

@@ -59,6 +59,7 @@ def cases(toy):
         ("train", train_toy + ["--results-dir", "{bad}/text.pt"], "text.pt is a file: give a folder"),
         ("train", train_toy + ["--image-size", "18"], "do not split into the model's 4 px patches"),
         ("train", train_toy[:-2] + ["--ckpt", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
+        ("train", train_toy[:-2] + ["--ckpt", toy["checkpoint"], "--method", "lora"], "null label row from the base"),
         ("train", ["--resume", "{bad}/text.pt"], "cannot be read as a checkpoint"),
         ("train", ["--resume", toy["checkpoint"], "--max-steps", "3"], "at step 4 already"),
         ("train", ["--resume", toy["checkpoint"], "--method", "full"], "cannot change --method"),

@@ -101,8 +101,9 @@ TOY_SHARED = ("data_path", "results_dir", "model", "image_size", "num_workers", 
 
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
+# The data may move (another machine, another mount): a resume checks that it holds the classes the run trained on.
 RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "sample_every", "num_workers", "precision", "compile",
-             "grad_checkpointing", "ckpt", "results_dir", "run_name")
+             "grad_checkpointing", "ckpt", "results_dir", "run_name", "data_path", "latent_cache")
 
 
 def resumed_args(args, resume):
@@ -332,17 +333,34 @@ def load_network(args, vae):
     return model, base if METHODS[args.method].delta else None
 
 
-def load_data(args, vae, rank, world_size):
-    """(dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels."""
+def load_data(args, vae, rank, world_size, resume=None):
+    """(dataset, hierarchy): images encoded on the fly, cached posterior moments, or pixels; a resume's classes
+    checked before any encoding."""
     try:
         dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split=args.split,
                                                hflip=not args.no_hflip)
+        if resume:
+            check_resumed_classes(resume, hierarchy, args)
         if args.latent_cache and vae is not None:
             dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank=rank, world_size=world_size,
                                               num_workers=args.num_workers)
     except (ValueError, FileNotFoundError) as e:  # a missing or stale data set or cache
         raise SystemExit(str(e))
     return dataset, hierarchy
+
+
+def check_resumed_classes(resume, hierarchy, args):
+    """The label table's rows are the run's classes: a resume trains on the same ones, in the same order."""
+    saved = data.Hierarchy.from_dict(resume.hierarchy)
+    fields = ("class_names", "superclass_names", "class_to_superclass")
+    if all(getattr(saved, k) == getattr(hierarchy, k) for k in fields):
+        return
+    (c, s), (old_c, old_s) = [(len(h.class_names), len(h.superclass_names)) for h in (hierarchy, saved)]
+    differ = (f"{c} classes in {s} superclasses, where the run trained on {old_c} in {old_s}"
+              if (c, s) != (old_c, old_s) else "as many classes as the run trained on, but other names, order or "
+                                               "superclasses")
+    raise SystemExit(f"--resume: the data at {args.data_path} now has {differ}. Resume on the data as it was, or "
+                     f"fine-tune anew from this checkpoint (--ckpt {args.resume})")
 
 
 def method_options(args, hierarchy):
@@ -447,7 +465,7 @@ def main(args):
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     vae = open_vae(args, device)
     model, base = load_network(args, vae)
-    dataset, hierarchy = load_data(args, vae, rank, world_size)
+    dataset, hierarchy = load_data(args, vae, rank, world_size, resume)
     dit_config, options = model.config, method_options(args, hierarchy)
     try:
         prepare(model, args.method, **options)

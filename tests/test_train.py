@@ -253,6 +253,31 @@ def test_resume_follows_a_moved_base(toy_runs, tmp_path):
     assert read_checkpoint(os.path.join(run_dir, "checkpoints", "0000002.pt")).step == 2
 
 
+def test_resume_follows_moved_data_and_refuses_other_classes(tmp_path):
+    """Data that moved: --resume with --data-path at its new place goes on bit for bit as if it had not; data whose
+    classes changed is refused before any step (the label table's rows are the run's classes)."""
+    images, rng = tmp_path / "images", np.random.default_rng(0)
+    for superclass, name in (("a", "a0"), ("a", "a1"), ("b", "b0")):
+        (images / superclass / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / superclass / name / f"{i}.png")
+    common = ["--data", "folder", "--data-path", str(images), "--method", "full", "--model", "DiT-T/4", "--image-size",
+              "16", "--vae", "none", "--global-batch-size", "4", "--num-workers", "0", "--ckpt-every", "2"]
+    _, whole = train.main(train.parse_args(common + ["--max-steps", "4", "--results-dir", str(tmp_path / "whole")]))
+    _, run_dir = train.main(train.parse_args(common + ["--max-steps", "2", "--results-dir", str(tmp_path / "run")]))
+    moved = shutil.move(images, tmp_path / "moved")
+    with pytest.raises(SystemExit, match="is not a folder"):
+        train.main(train.parse_args(["--resume", run_dir, "--max-steps", "4"]))
+    train.main(train.parse_args(["--resume", run_dir, "--max-steps", "4", "--data-path", str(moved)]))
+    resumed, uninterrupted = (read_checkpoint(os.path.join(r, "checkpoints", "0000004.pt")) for r in (run_dir, whole))
+    assert all(torch.equal(resumed.ema[k], uninterrupted.ema[k]) for k in uninterrupted.ema)
+    shutil.copytree(moved / "b" / "b0", moved / "b" / "b1")
+    with pytest.raises(SystemExit, match="now has 4 classes in 2 superclasses, where the run trained on 3 in 2"):
+        train.main(train.parse_args(["--resume", run_dir, "--max-steps", "6"]))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_and_the_resume_is_bit_identical(toy_runs, tmp_path, signum):
     """SIGTERM (a scheduler preempting) or SIGINT (Ctrl-C) mid-run: the step finishes, a checkpoint is written, the

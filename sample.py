@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--num-sampling-steps", type=int, default=None,
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
     p.add_argument("--num-samples", type=NON_NEGATIVE, default=0, help="bulk: this many images over all classes")
-    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per process per batch")
+    p.add_argument("--batch-size", type=POSITIVE, default=32,
+                   help="images sampled at once, per process (a grid of more is sampled in parts)")
     p.add_argument("--out", default=None,
                    help="the grid PNG, or the folder of a bulk run (none: in the samples/ folder of the run)")
     args = p.parse_args(argv)
@@ -123,17 +124,20 @@ def resolve_class(model, hierarchy, cls):
 
 @torch.no_grad()
 def generate(model, vae, labels, args, guidance, progress=True):
-    """(N,) fine labels -> (N, H, W, 3) uint8 images, guided towards the parent (fine) or null (cfg) label."""
+    """(N,) fine labels -> (N, H, W, 3) uint8 images, guided towards the parent (fine) or null (cfg) label; the
+    noise is drawn for all N at once, the sampler runs on --batch-size of them at a time."""
     z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=labels.device)
-    try:
-        model_fn, copies = model.guided(labels, guidance, args.cfg_scale, 3 if args.official_three_channels else None)
-    except ValueError as e:
-        raise SystemExit(f"--guidance {guidance}: {e}")
-    x = run_sampler(args.sampler, model_fn, z.repeat(copies, 1, 1, 1), args.num_sampling_steps,
-                    progress=progress)[: len(labels)]
-    if vae is not None:
-        x = vae.decode(x / vae.scaling_factor)
-    return to_pixels(x)
+    images = []
+    for batch_labels, batch_z in zip(labels.split(args.batch_size), z.split(args.batch_size)):
+        try:
+            model_fn, copies = model.guided(batch_labels, guidance, args.cfg_scale,
+                                            3 if args.official_three_channels else None)
+        except ValueError as e:
+            raise SystemExit(f"--guidance {guidance}: {e}")
+        x = run_sampler(args.sampler, model_fn, batch_z.repeat(copies, 1, 1, 1), args.num_sampling_steps,
+                        progress=progress)[: len(batch_labels)]
+        images.append(to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x))
+    return np.concatenate(images)
 
 
 def training_images(checkpoint, path, classes, n):
@@ -149,10 +153,17 @@ def training_images(checkpoint, path, classes, n):
                      for j in (list(np.flatnonzero(dataset.labels == c)[:n]) + [None] * n)[:n]])
 
 
+MAX_GRID_ROWS = 100  # --class all on iNat's 10,000 classes would be a picture no one can look at
+
+
 def sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device):
     """--class (an id, a name or 'all'): a row of --n images per class, a block per guidance (same noise in each),
     led by training images with --with-data."""
     if args.cls == "all":  # one row per class
+        if model.y_embedder.num_classes > MAX_GRID_ROWS:
+            raise SystemExit(f"--class all: a grid has a row per class, and this model has "
+                             f"{model.y_embedder.num_classes:,} classes (a grid takes at most {MAX_GRID_ROWS}): give "
+                             f"one class, or --num-samples N for a bulk run over all of them")
         classes, stem = list(range(model.y_embedder.num_classes)), "all"
     else:
         classes = [resolve_class(model, hierarchy, args.cls)]

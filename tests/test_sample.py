@@ -34,6 +34,17 @@ def test_same_seed_same_images(toy_runs, tmp_path):
     assert first.shape == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2), 3)  # a 2x2 grid of 16 px images
 
 
+def test_a_grid_larger_than_a_batch_is_sampled_in_parts(toy_runs, tmp_path, official_files):
+    """--batch-size splits the sampling of a grid, not its noise: a deterministic sampler draws the same images in
+    parts of 3 as in one batch. --class all on a model of more classes than a grid can show is refused."""
+    whole = run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--sampler", "ddim")
+    assert np.abs(run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--sampler", "ddim", "--batch-size",
+                      "3") - whole).max() <= 1
+    classes = official_files["official"].y_embedder.num_classes
+    with pytest.raises(SystemExit, match=rf"this model has {classes:,} classes \(a grid takes at most 100\)"):
+        run(str(official_files["root"] / "DiT-S-8.pt"), tmp_path, "--class", "all", "--vae", official_files["vae"])
+
+
 def test_class_by_name_and_bad_inputs(toy_runs, tmp_path):
     names = read_checkpoint(toy_runs["checkpoint"]).hierarchy["class_names"]
     by_name = run(toy_runs["checkpoint"], tmp_path, "--class", names[3].upper(), "--seed", "1")

@@ -1,6 +1,6 @@
 """
 The fine-tuning methods compared in the FineDiffusion, DiffFit and DiffScaler papers, on a pre-trained DiT, and
-the checkpoint format of train.py, whose one owner this file is.
+the checkpoint format and run folders of train.py, whose one owner this file is.
 
     full           every parameter trains
     bitfit         biases + the label table                          (Ben Zaken et al. 2021)

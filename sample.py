@@ -235,6 +235,9 @@ def main(args):
         raise SystemExit("--guidance: a bulk run (--num-samples) samples with one guidance")
     if not args.num_samples and args.cls is None:
         raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
+    if not args.num_samples and world_size > 1:
+        raise SystemExit("a grid (--class) is one process's work: run it with python, not torchrun (torchrun is for "
+                         "bulk runs, --num-samples)")
     if args.out:  # refused now, before the model loads
         new_file(args.out.rstrip("/"), "--out", (".npz",) if args.num_samples else ())
     model, hierarchy, vae_path, checkpoint = load_model(args)

@@ -118,10 +118,12 @@ def test_under_torchrun_a_mistake_is_said_once(toy_runs, tmp_path):
     """Every rank meets the same bad flag (argparse) or setting (main): rank 0 alone says it, every rank exits
     non-zero, and no traceback of ours follows (torchrun's own report of failed workers does)."""
     toy = toy_runs["common"] + ["--split", "source", "--method", "full", "--results-dir", str(tmp_path / "results")]
-    for argv, message in ((["--lr", "nan"], "--lr: nan is out of range"),
-                          (toy + ["--global-batch-size", "3"], "--global-batch-size 3 is not divisible by 2 processes")):
+    for script, argv, message in (
+            ("train.py", ["--lr", "nan"], "--lr: nan is out of range"),
+            ("train.py", toy + ["--global-batch-size", "3"], "--global-batch-size 3 is not divisible by 2 processes"),
+            ("sample.py", ["--ckpt", toy_runs["checkpoint"], "--class", "1"], "a grid (--class) is one process's")):
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              os.path.join(ROOT, "train.py")] + argv, capture_output=True, text=True, cwd=tmp_path,
+                              os.path.join(ROOT, script)] + argv, capture_output=True, text=True, cwd=tmp_path,
                              timeout=300)
         assert out.returncode != 0 and out.stderr.count(message) == 1, out.stderr[-2000:]
-        assert "train.py\", line" not in out.stderr and not os.path.exists(tmp_path / "results")
+        assert f"{script}\", line" not in out.stderr and os.listdir(tmp_path) == []

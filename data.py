@@ -658,28 +658,38 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def data_path_problem(kind, path):
+    """Why `path` cannot hold a dataset of `kind`, or None: what can be told before any slow work."""
+    if kind == "toy":  # generated into path (default cache/toy)
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            return (f"--data toy: the data path {path!r} is a file; the toy set is generated into a folder (made "
+                    f"if missing)")
+        return None
+    if path is None or not os.path.isdir(path):
+        where = "give --data-path" if path is None else f"the data path {path!r} is not a folder"
+        return f"--data {kind}: {where}; " + dict(
+            inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
+            vegfru=f"expected the VegFru root holding veg200_images/, fru92_images/ and vegfru_list/ ({VEGFRU_SOURCE})",
+            folder="expected a folder root/<superclass>/<class>/*.jpg").get(kind, f"unknown kind {kind!r}")
+    return None
+
+
 def load_dataset(kind, path, image_size, split=None, hflip=True):
     """kind in inat/vegfru/folder/toy -> (ImageDataset, Hierarchy). toy: path is where to generate it
     (default cache/toy), split source/target; folder: split, when given, is a subfolder of path."""
     split = split or DEFAULT_SPLITS.get(kind)
+    if problem := data_path_problem(kind, path):
+        raise FileNotFoundError(problem)
     if kind == "toy":
         path = path or os.path.join("cache", "toy")
         if split not in TOY_SPLITS:
             raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"--data toy: the data path {path!r} is a file; the toy set is generated into a folder "
-                             f"(made if missing)")
         if not distributed() or dist.get_rank() == 0:
             make_toy_dataset(path, image_size=image_size)
         if distributed():  # the other ranks wait for rank 0's files
             dist.barrier()
         folder = make_toy_dataset(path, image_size=image_size)  # made by now: this only finds it
         return load_folder(os.path.join(folder, split), image_size, hflip)
-    if path is None or not os.path.isdir(path):
-        raise FileNotFoundError(f"--data {kind}: the data path {path!r} is not a folder; " + dict(
-            inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
-            vegfru=f"expected the VegFru root holding veg200_images/, fru92_images/ and vegfru_list/ ({VEGFRU_SOURCE})",
-            folder="expected a folder root/<superclass>/<class>/*.jpg").get(kind, f"unknown kind {kind!r}"))
     if kind == "inat":
         return load_inat(path, split, image_size, hflip)
     if kind == "vegfru":

@@ -287,6 +287,8 @@ def check_settings(args, resume, world_size):
         raise SystemExit("give --vae (the SD VAE folder, e.g. sd-vae-ft-ema) or --vae none to train in pixel space")
     if METHODS[args.method].delta and not args.ckpt:
         raise SystemExit(f"--method {args.method} fine-tunes a pre-trained model: give its --ckpt")
+    if problem := data.data_path_problem(args.data, args.data_path):
+        raise SystemExit(problem)
     if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
         raise SystemExit(f"--results-dir {args.results_dir} is a file: give a folder (it is made if missing)")
     if args.latent_cache and args.vae == "none":

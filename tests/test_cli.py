@@ -29,6 +29,7 @@ def bad_files(tmp_path_factory):
 def cases(toy):
     """(script, argv, what the one line must say); toy: the toy runs' paths."""
     train_toy = toy["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy["base"]]
+    latent = ["--data", "toy", "--method", "full", "--vae", "sd-vae", "--latent-cache"]
     return [
         ("sample", ["--n", "0"], ">= 1"), ("sample", ["--n", "-1"], ">= 1"),
         ("sample", ["--num-samples", "-3"], ">= 0"), ("sample", ["--batch-size", "0"], ">= 1"),
@@ -41,12 +42,13 @@ def cases(toy):
         ("sample", ["--ckpt", "{bad}/text.pt", "--class", "1"], "cannot be read as a checkpoint"),
         ("sample", ["--ckpt", "{bad}/missing.pt", "--class", "1"], "no checkpoint file"),
         ("sample", ["--class", "1"], "no checkpoint under results/"),
-        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--out", "{bad}/text.pt/grid.png"], "is a file, not a"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--out", "{bad}/text.pt/grid.png"], "a file, not a"),
         ("evaluate", ["tsne", "--checkpoint", toy["checkpoint"], "--out", "{bad}/text.pt/t.png"], "is a file, not a"),
         ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],
          "broken.json is not valid JSON"),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "999"], "valid ids are 0.."),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--vae", "{bad}/novae"], "--vae: no VAE at"),
+        ("train", ["--vae", "none", "--method", "full"], "--data inat: give --data-path"),
         ("train", ["--max-steps", "0"], ">= 1"), ("train", ["--max-steps", "-5"], ">= 1"),
         ("train", ["--global-batch-size", "0"], ">= 1"), ("train", ["--global-batch-size", "-8"], ">= 1"),
         ("train", ["--ckpt-every", "0"], ">= 1"), ("train", ["--log-every", "0"], ">= 1"),
@@ -64,8 +66,8 @@ def cases(toy):
         ("train", ["--resume", toy["checkpoint"], "--max-steps", "3"], "at step 4 already"),
         ("train", ["--resume", toy["checkpoint"], "--method", "full"], "cannot change --method"),
         ("train", train_toy + ["--latent-cache", "{bad}/cache"], "with --vae none (pixel space) there are none"),
-        ("train", ["--method", "full", "--vae", "sd-vae", "--latent-cache", "{bad}"], "holds other files and no"),
-        ("train", ["--method", "full", "--vae", "sd-vae", "--latent-cache", "{bad}/text.pt"], "a file, not a folder"),
+        ("train", latent + ["{bad}"], "holds other files and no"),
+        ("train", latent + ["{bad}/text.pt"], "a file, not a folder"),
         ("evaluate", ["fid", "--samples", "x.npz", "--ref", "y.npz", "--batch-size", "0"], ">= 1"),
         ("evaluate", ["tsne", "--checkpoint", "{bad}/missing.pt"], "no checkpoint file"),
         ("evaluate", ["tsne", "--checkpoint", "{bad}/empty.pt"], "cannot be read as a checkpoint"),

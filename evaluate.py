@@ -709,6 +709,12 @@ def main(argv=None):
     try:
         if args.command == "ref-stats":
             new_file(args.out, "--out")  # refused now, not after hours of Inception
+        for flag in ("samples", "ref"):  # the inputs are there, before any network runs
+            path = getattr(args, flag, None)
+            if path is not None and not os.path.exists(path):
+                raise ValueError(f"--{flag} {path}: no such file or folder")
+        if args.command in ("fid", "lpips") and args.results and os.path.isfile(args.results):
+            read_json(args.results)  # a broken results file is said now, not when the metric is done
         if args.command in ("ref-stats", "fid"):
             inception = load_inception(args.inception, args.device)
             options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,

@@ -233,6 +233,9 @@ def main(args):
         return list_classes(args)
     if args.num_samples and len(args.guidance or []) > 1:
         raise SystemExit("--guidance: a bulk run (--num-samples) samples with one guidance")
+    if args.num_samples and (args.cls is not None or args.with_data):
+        raise SystemExit("--num-samples is a bulk run over every class; --class and --with-data make a grid: give "
+                         "one or the other")
     if not args.num_samples and args.cls is None:
         raise SystemExit("give --class (an id, a name or 'all'), or --num-samples for a bulk run")
     if not args.num_samples and world_size > 1:

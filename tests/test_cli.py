@@ -42,6 +42,7 @@ def cases(toy):
         ("sample", ["--ckpt", "{bad}/text.pt", "--class", "1"], "cannot be read as a checkpoint"),
         ("sample", ["--ckpt", "{bad}/missing.pt", "--class", "1"], "no checkpoint file"),
         ("sample", ["--class", "1"], "no checkpoint under results/"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--num-samples", "4", "--class", "1"], "give one or the other"),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--out", "{bad}/text.pt/grid.png"], "a file, not a"),
         ("evaluate", ["tsne", "--checkpoint", toy["checkpoint"], "--out", "{bad}/text.pt/t.png"], "is a file, not a"),
         ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],

@@ -61,6 +61,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n" if is_rank_zero() else None)
 
 
+def flag(name):
+    """An argparse destination as the command line spells it: lora_rank -> --lora-rank."""
+    return "--" + name.replace("_", "-")
+
+
 def is_rank_zero():
     """Whether this process speaks for the run: under torchrun only rank 0 does (RANK is set before any
     process group exists, so this holds while the arguments are parsed too)."""

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--p-parent", type=data.FRACTION, default=0.1, help="P(fine label -> its parent) while training")
     for method, spec in METHODS.items():  # each method's own options, e.g. --lora-rank
         for option, default in spec.options.items():
-            p.add_argument(f"--{option.replace('_', '-')}", type=data.number(type(default), 1), default=default,
+            p.add_argument(data.flag(option), type=data.number(type(default), 1), default=default,
                            help=f"{method} only")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="the toy experiment: pre-train a toy base for 2x --max-steps (once: a finished one in "
                         "--results-dir is reused), fine-tune it with --method on the toy target split, then draw "
                         "its samples and t-SNE into the run folder; the flags given override " + ", ".join(
-                            f"--{k.replace('_', '-')} {v}" for k, v in TOY_FINE_TUNE.items()) + ", --lr 1e-2 (full: "
+                            f"{data.flag(k)} {v}" for k, v in TOY_FINE_TUNE.items()) + ", --lr 1e-2 (full: "
                         "1e-3) and --run-name toy-<method>")
     args = p.parse_args(argv)
     for action in p._actions:  # parsed again without defaults: which flags the command line itself set
@@ -110,7 +110,7 @@ def resumed_args(args, resume):
     """The saved settings with the flags given now that a resume may change -> (args, {flag: (old, new)})."""
     refused = [name for name in args.given if name not in RESUMABLE + ("resume",)]
     if refused:
-        flags = lambda names: ", ".join("--" + name.replace("_", "-") for name in names)
+        flags = lambda names: ", ".join(map(data.flag, names))
         raise SystemExit(f"--resume continues the run with its saved settings and cannot change {flags(refused)}; "
                          f"it can change {flags(RESUMABLE)}")
     settings = dict(vars(parse_args([])), **resume.settings, resume=args.resume, given=args.given)  # new flags: default
@@ -278,6 +278,11 @@ class Meter:
 
 def check_settings(args, resume, world_size):
     """The checks that need no data, made before any slow work."""
+    foreign = [f"{data.flag(option)} ({method})" for method, spec in METHODS.items() if method != args.method
+               for option in spec.options if option in args.given]
+    if foreign:
+        raise SystemExit(f"{', '.join(foreign)}: not an option of --method {args.method}, which has "
+                         f"{', '.join(map(data.flag, METHODS[args.method].options)) or 'none'}")
     if resume and args.max_steps <= resume.step:
         raise SystemExit(f"--max-steps {args.max_steps}: the checkpoint is at step {resume.step} already; "
                          f"give a larger --max-steps to train on")
@@ -501,7 +506,7 @@ def main(args):
         log(f"resumed from {args.resume} at step {step}" + ("" if in_place else f", into the new run folder {run_dir} "
             "(it is not the newest checkpoint of its run, which stays as it is)"))
         if changed:
-            log("changed on resume: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
+            log("changed on resume: " + ", ".join(f"{data.flag(k)} {old} -> {new}"
                                                   for k, (old, new) in changed.items()))
     ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world_size > 1 else model
     forward = autocast_forward(torch.compile(ddp_model) if args.compile else ddp_model, device, precision)
@@ -605,7 +610,7 @@ def toy_experiment(args):
     outputs = [("samples", grid)]
     if tiered:  # Figure 7 needs superclass rows
         outputs.append(("t-SNE", evaluate.main(["tsne", "--checkpoint", run_dir])))  # into the run folder
-    same_base = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in TOY_SHARED if k in args.given)
+    same_base = "".join(f" {data.flag(k)} {getattr(args, k)}" for k in TOY_SHARED if k in args.given)
     print(f"\ntoy experiment done in {duration(time.time() - started)}: {run_dir}\n"
           + "".join(f"  {name:8s} {os.path.relpath(path)}\n" for name, path in outputs) + "next:\n"
           f"  python sample.py --ckpt {run_dir} --class disc_e          # one class, by name or id\n"

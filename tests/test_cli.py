@@ -53,6 +53,7 @@ def cases(toy):
         ("train", ["--max-steps", "0"], ">= 1"), ("train", ["--max-steps", "-5"], ">= 1"),
         ("train", ["--global-batch-size", "0"], ">= 1"), ("train", ["--global-batch-size", "-8"], ">= 1"),
         ("train", ["--ckpt-every", "0"], ">= 1"), ("train", ["--log-every", "0"], ">= 1"),
+        ("train", ["--lora-rank", "16"], "--lora-rank (lora): not an option of --method finediffusion, which has none"),
         ("train", ["--lora-rank", "0"], ">= 1"), ("train", ["--ema-decay", "2"], "<= 1.0"),
         ("train", ["--p-parent", "1.5"], "<= 1.0"), ("train", ["--lr", "-1"], "> 0.0"),
         ("train", ["--lr", "nan"], "> 0.0"),

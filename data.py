@@ -252,8 +252,11 @@ def to_tensor(pixels):
     return (x / 255 - 0.5) / 0.5
 
 
-def to_pixels(x):
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy: what to_tensor undoes, rounded and clipped."""
+def to_pixels(x, vae=None):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy: what to_tensor undoes, rounded and clipped. With a VAE,
+    x is what a latent-space DiT samples (scaled latents), decoded first."""
+    if vae is not None:
+        x = vae.decode(x / vae.scaling_factor)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

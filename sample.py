@@ -136,7 +136,7 @@ def generate(model, vae, labels, args, guidance, progress=True):
             raise SystemExit(f"--guidance {guidance}: {e}")
         x = run_sampler(args.sampler, model_fn, batch_z.repeat(copies, 1, 1, 1), args.num_sampling_steps,
                         progress=progress)[: len(batch_labels)]
-        images.append(to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x))
+        images.append(to_pixels(x, vae))
     return np.concatenate(images)
 
 
@@ -190,9 +190,12 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, guidances, device):
     return out
 
 
+BULK_COMPANIONS = (".npz",)  # a bulk run writes the folder of PNGs and, beside it, folder.npz
+
+
 def sample_bulk(model, vae, hierarchy, args, guidance, device, rank, world_size):
     """Classes evenly over --num-samples; batch b is seeded by b, so the images do not depend on the world size."""
-    out = output_path(args, "bulk", companions=(".npz",))
+    out = output_path(args, "bulk", BULK_COMPANIONS)
     if world_size > 1:  # every rank chose the same free path before any rank takes it
         dist.barrier()
     os.makedirs(out, exist_ok=True)
@@ -241,8 +244,8 @@ def main(args):
     if not args.num_samples and world_size > 1:
         raise SystemExit("a grid (--class) is one process's work: run it with python, not torchrun (torchrun is for "
                          "bulk runs, --num-samples)")
-    if args.out:  # refused now, before the model loads
-        new_file(args.out.rstrip("/"), "--out", (".npz",) if args.num_samples else ())
+    if args.out:  # a taken --out is refused now, before the model loads
+        output_path(args, None, BULK_COMPANIONS if args.num_samples else ())
     model, hierarchy, vae_path, checkpoint = load_model(args)
     model.to(device).eval()
     try:

@@ -428,7 +428,7 @@ def write_samples(model, ema, vae, path, class_names, step):
     model.load_state_dict(ema, strict=False)
     model_fn, copies = model.guided(labels.to(device), "fine" if embedder.num_superclasses else "cfg", 4.0)
     x = run_sampler("dpm++", model_fn, z.repeat(copies, 1, 1, 1), steps=10, progress=False)[: len(labels)]
-    data.save_grid(data.to_pixels(vae.decode(x / vae.scaling_factor) if vae is not None else x), path, cols=2,
+    data.save_grid(data.to_pixels(x, vae), path, cols=2,
                    row_names=[class_names[c] for c in classes], titles=[f"step {step}"])
     model.load_state_dict(trained, strict=False)
     model.train()

@@ -11,6 +11,7 @@ utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each m
 runs read from their metrics.jsonl (`--runs results/*`).
 """
 import multiprocessing
+import os
 import resource
 import time
 
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import NON_NEGATIVE, POSITIVE, Parser, number, run_script
-from diffusion import SAMPLER_STEPS, create_diffusion, run_sampler, sample_ddpm
+import cli
+from checkpoint import find_checkpoint, read_checkpoint, read_metrics, saved_checkpoints
+from cli import NON_NEGATIVE, POSITIVE, number
+from diffusion import SAMPLER_STEPS, create_diffusion, sample
 from model import DIT_CONFIGS, AutoencoderKL, DiT, dit_name
-from peft import METHODS, checkpoint_path, merge, parameter_table, prepare, read_checkpoint, read_metrics
-from train import autocast_forward
+from peft import METHODS, merge, parameter_table, prepare
+from train import train_step
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
 PARENTS = [c % NUM_SUPERCLASSES for c in range(NUM_CLASSES)]  # the split does not change counts or speed
@@ -31,7 +34,7 @@ with torch.device("meta"):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", default="DiT-XL/2", choices=list(DIT_CONFIGS), help="the DiT to time")
     p.add_argument("--image-size", type=POSITIVE, default=256, help="pixels (the DiT sees the SD VAE's latents)")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per step")
@@ -108,20 +111,12 @@ def train_step_worker(args, method, queue):
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
     model = build(args, method, device).train()
-    forward = autocast_forward(model, device, precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     diffusion = create_diffusion("")
     x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
-
-    def step():
-        t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
-        loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    step = lambda: train_step(model, diffusion, opt, scaler, x, y, precision)  # train.py's own step
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -133,19 +128,15 @@ def train_step_worker(args, method, queue):
 
 def sampling_throughput(args, device):
     """Images/s of guided DDPM steps: the base DiT and every method's merged model run at the same speed."""
-    diffusion = create_diffusion(str(args.sample_steps))
     results = {}
     for method in tqdm(["base"] + [m for m in methods(args) if m != "full"], desc="guided sampling", leave=False):
         torch.manual_seed(0)
         model = (DiT(**dit_config(args)).to(device) if method == "base" else merge(build(args, method, device))).eval()
-        n = args.batch_size
-        z = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=device)
-        labels = torch.randint(0, model.y_embedder.num_classes, (n,), device=device)
-        model_fn, copies = model.guided(labels, "fine" if model.y_embedder.num_superclasses else "cfg", 4.0)
+        z = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+        labels = torch.randint(0, model.y_embedder.num_classes, (args.batch_size,), device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            seconds = timed(lambda: sample_ddpm(model_fn, z.repeat(copies, 1, 1, 1), diffusion, progress=False),
-                            1, device)
-        results[method] = n * args.sample_steps / seconds  # image-steps per second
+            seconds = timed(lambda: sample(model, z, labels, steps=args.sample_steps, progress=False), 1, device)
+        results[method] = args.batch_size * args.sample_steps / seconds  # image-steps per second
     return results
 
 
@@ -155,20 +146,15 @@ def sampler_comparison(args, device):
     torch.manual_seed(0)
     model = merge(build(args, "finediffusion", device)).eval()
     z = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
-    model_fn, copies = model.guided(torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device), "fine", 4.0)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
     calls, results = [], {}
-
-    def counted(x, t):
-        calls.append(1)
-        return model_fn(x, t)
-
-    t = torch.full((copies * args.batch_size,), 500, device=device)
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        timed(lambda: model_fn(z.repeat(copies, 1, 1, 1), t), 1, device)  # warm-up: kernels, allocator
+        timed(lambda: model(torch.cat([z, z]), torch.full((2 * len(z),), 500, device=device), labels.repeat(2)), 1,
+              device)  # warm-up: kernels, allocator
         for name in tqdm(samplers(args), desc="samplers", leave=False):
             calls.clear()
-            seconds = timed(lambda: run_sampler(name, counted, z.repeat(copies, 1, 1, 1), progress=False), 1, device,
-                            warmup=0)
+            seconds = timed(lambda: sample(model, z, labels, sampler=name, progress=False), 1, device, warmup=0)
             results[name] = (len(calls), seconds)
     return results
 
@@ -181,17 +167,9 @@ def training_throughput(runs):
     """{method: median images/s} over the logged steps of train.py runs (the median: start-up aside)."""
     speeds = {}
     for run in runs:
-        try:
-            records = read_metrics(run)
-        except FileNotFoundError as e:
-            raise SystemExit(str(e))
-        for record in records:
+        for record in read_metrics(run):
             speeds.setdefault(record["method"], []).append(record["images_per_s"])
     return {method: float(np.median(values)) for method, values in speeds.items()}
-
-
-ARCHITECTURE = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "in_channels", "input_size",
-                "learn_sigma")
 
 
 def counted_model(args):
@@ -199,29 +177,18 @@ def counted_model(args):
     has 3 input channels at its image size), with each run's own method options; without checkpoints, --model in
     the SD VAE's latent space at --image-size with iNat's classes -> (DiT config, fine -> superclass, {method:
     prepare() options}, what it is)."""
-    found = {}
-    for run in args.runs:
-        try:
-            found[run] = read_checkpoint(checkpoint_path(run))
-        except FileNotFoundError:  # a run that stopped before its first checkpoint: its metrics still count
-            continue
-        except ValueError as e:
-            raise SystemExit(f"--runs: {e}")
-    if not found:
+    found = {run: read_checkpoint(find_checkpoint(run)) for run in args.runs
+             if os.path.isfile(run) or saved_checkpoints(run)}
+    if not found:  # runs that stopped before their first checkpoint: their metrics still count
         return dit_config(args), PARENTS, {}, f"{args.model}, {args.image_size} px in the SD VAE's latent space"
-    models = {}
-    for run, checkpoint in found.items():
-        key = tuple(checkpoint.dit[k] for k in ARCHITECTURE) + tuple(checkpoint.options["class_to_superclass"])
-        models.setdefault(key, []).append(run)
-    if len(models) > 1:
-        raise SystemExit("--runs trained different models or classes (" + "; ".join(
-            ", ".join(runs) for runs in models.values()) + "): give the runs of one experiment")
     first = next(iter(found.values()))
-    parents = first.options["class_to_superclass"]
-    dit = first.dit
-    what = (f"{dit_name(dit) or 'DiT'}, {dit['in_channels']} input channels at {dit['input_size']} px, "
-            "as --runs trained it")
-    return first.dit, parents, {c.method: c.options for c in found.values()}, what
+    other = [run for run, c in found.items() if (c.dit, c.options["class_to_superclass"]) !=
+             (first.dit, first.options["class_to_superclass"])]
+    cli.check(other and f"--runs trained different models or classes ({', '.join(other)} and {next(iter(found))}): "
+                        f"give the runs of one experiment")
+    what = f"{dit_name(first.dit) or 'DiT'}, {first.dit['in_channels']} input channels at {first.dit['input_size']} px"
+    return first.dit, first.options["class_to_superclass"], {c.method: c.options for c in found.values()}, (
+        what + ", as --runs trained it")
 
 
 def parameter_markdown(args):
@@ -292,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(main)
+    cli.run(main)

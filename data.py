@@ -1,9 +1,6 @@
 """
 Datasets with their label hierarchy (fine classes inside superclasses), the ADM centre crop, and a VAE latent cache.
 
-    python data.py --data toy --split target                 # generate the toy set (once) and summarize it
-    python data.py --data inat --data-path /data/inat2021 --check --save-hierarchy inat_classes.json
-
 Layouts read (`load_dataset(kind, path, image_size, split)` -> (dataset, hierarchy)):
 
     inat    iNaturalist 2021 as distributed: path/train_mini/NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet/
@@ -18,7 +15,6 @@ Items are (image (3, H, W) in [-1, 1], fine label). Index i is image i // 2, mir
 sampler alone decides what a step sees (exact resume). `build_latent_cache` encodes every image (both mirrors)
 once with the VAE into a memory-mapped .npy of posterior moments; training then samples z = mean + std * eps.
 """
-import argparse
 import colorsys
 import difflib
 import glob
@@ -43,89 +39,6 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INAT_SOURCE = "get iNaturalist 2021 from https://github.com/visipedia/inat_comp/tree/master/2021"
 VEGFRU_SOURCE = "get VegFru from https://github.com/ustc-vim/vegfru"
-
-# -----------------------------------------------------------------------------------------------------------
-# The command-line convention of every script (train, sample, evaluate, bench and this one): --help shows each
-# flag's default; a bad argument is answered with one line on stderr and exit code 2, before any work.
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n" if is_rank_zero() else None)
-
-
-def flag(name):
-    """An argparse destination as the command line spells it: lora_rank -> --lora-rank."""
-    return "--" + name.replace("_", "-")
-
-
-def is_rank_zero():
-    """Whether this process speaks for the run: under torchrun only rank 0 does (RANK is set before any
-    process group exists, so this holds while the arguments are parsed too)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def run_script(main):
-    """A script's entry point. A user's mistake (a SystemExit with a message) is printed once, by rank 0 under
-    torchrun, and every rank leaves its process group and exits with code 1: one line, not one per rank."""
-    try:
-        main()
-    except SystemExit as e:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        if not isinstance(e.code, str):
-            raise
-        if is_rank_zero():
-            print(e.code, file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def new_file(path, flag=None, companions=()):
-    """Where a script may write without overwriting anything: path, and path + each suffix of `companions` (files
-    written beside it). A path the user gave (named by `flag`) that is taken is refused in one line; a default one
-    becomes name-1.ext, name-2.ext, ... (the first that is free)."""
-    taken = lambda p: any(os.path.exists(p + suffix) for suffix in ("",) + tuple(companions))
-    if flag and taken(path):
-        raise SystemExit(f"{flag} {path} exists and is not overwritten: give a new path, or move the old one away")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # the folders are made when written: the nearest one that exists must be one
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{flag or 'the output'} {path}: {folder} is a file, not a folder")
-    stem, ext = os.path.splitext(path)
-    k = 0
-    while taken(path):
-        k += 1
-        path = f"{stem}-{k}{ext}"
-    return path
-
-
-def number(kind=int, low=None, high=None, low_open=False):
-    """An argparse type: a finite `kind` in [low, high] (low excluded when low_open), the range in its message."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
-            valid = " and ".join(([f"{'>' if low_open else '>='} {low}"] if low is not None else [])
-                                 + ([f"<= {high}"] if high is not None else [])) or "finite"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {valid}")
-        return value
-    return parse
-
-
-POSITIVE, NON_NEGATIVE, FRACTION = number(int, 1), number(int, 0), number(float, 0.0, 1.0)
-WORKERS = min(4, len(os.sched_getaffinity(0)))  # --num-workers: what the machine has, up to 4
-
 
 def read_json(path):
     """A JSON file a user gave; a file that does not parse is a ValueError that names it."""
@@ -343,15 +256,6 @@ class ImageDataset(Dataset):
         except OSError:  # said already (or the markers are gone with the dataset: nothing left to say it to)
             return
         print(f"data: {os.path.join(self.root, self.files[j])}: {problem}", file=sys.stderr)
-
-    def fingerprint(self, image_size=None, hflip=None):
-        """What a latent cache must match: the file list with labels, the image size, the flips (this dataset's,
-        or those given: what the fingerprint would be with other settings)."""
-        image_size, hflip = image_size or self.image_size, self.hflip if hflip is None else hflip
-        h = hashlib.sha1(f"{image_size} {hflip}\n".encode())
-        for name, label in zip(self.files, self.labels):
-            h.update(f"{name}\t{label}\n".encode())
-        return h.hexdigest()
 
 
 def list_images(folder):
@@ -670,12 +574,11 @@ def data_path_problem(kind, path):
     """Why `path` cannot hold a dataset of `kind`, or None: what can be told before any slow work."""
     if kind == "toy":  # generated into path (default cache/toy)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            return (f"--data toy: the data path {path!r} is a file; the toy set is generated into a folder (made "
-                    f"if missing)")
+            return f"the toy data path {path!r} is a file; the toy set is generated into a folder (made if missing)"
         return None
     if path is None or not os.path.isdir(path):
-        where = "give --data-path" if path is None else f"the data path {path!r} is not a folder"
-        return f"--data {kind}: {where}; " + dict(
+        where = f"no {kind} data path given" if path is None else f"the {kind} data path {path!r} is not a folder"
+        return f"{where}; " + dict(
             inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
             vegfru=f"expected the VegFru root holding veg200_images/, fru92_images/ and vegfru_list/ ({VEGFRU_SOURCE})",
             folder="expected a folder root/<superclass>/<class>/*.jpg").get(kind, f"unknown kind {kind!r}")
@@ -717,13 +620,20 @@ def load_dataset(kind, path, image_size, split=None, hflip=True):
 # rank 0 writes meta.json last ("complete"). Unreadable images are skipped: their rows are left out and listed.
 
 
-def vae_fingerprint(vae):
-    """A few numbers of every weight tensor: cheap, device independent, and different for a different VAE."""
-    h = hashlib.sha1()
-    for name, p in vae.state_dict().items():
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().flatten()[:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+def fingerprint(tensors):
+    """The one fingerprint of this project (a base model, a VAE, a dataset's files): the sha256 of every tensor or
+    array of {name: tensor}, its name, shape, dtype and bytes, streamed (a few seconds for DiT-XL/2)."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor):
+            tensor = tensor.detach().cpu().contiguous()
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+        else:
+            tensor = data = np.ascontiguousarray(tensor)
+            data = data.reshape(-1).view(np.uint8)
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 class _ImageOrError(Dataset):
@@ -776,9 +686,9 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache -> LatentDataset.
     Every rank calls this (torch.distributed initialized when world_size > 1)."""
     meta_path, latents_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "latents.npy")
-    wanted = dict(format=1, files=dataset.fingerprint(), num_images=len(dataset.files), image_size=dataset.image_size,
-                  hflip=dataset.hflip, vae=vae_fingerprint(vae), scaling_factor=float(vae.scaling_factor),
-                  dtype=np.dtype(dtype).name)
+    wanted = dict(format=2, files=fingerprint(dict(files=dataset.files, labels=dataset.labels)),
+                  num_images=len(dataset.files), image_size=dataset.image_size, hflip=dataset.hflip,
+                  vae=fingerprint(vae.state_dict()), scaling_factor=float(vae.scaling_factor), dtype=np.dtype(dtype).name)
     state = None  # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
     if rank == 0:
         state = cache_folder_problem(cache_dir) or "build"
@@ -786,8 +696,6 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
             with open(meta_path) as f:
                 found = json.load(f)
             differs = [k for k in wanted if found.get(k) != wanted[k]]
-            if found.get("files") == dataset.fingerprint(found.get("image_size"), found.get("hflip")):
-                differs = [k for k in differs if k != "files"]  # the same files, only read at another size or flip
             if found.get("complete") and differs:
                 state = (f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)} "
                          f"({', '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differs)}). "
@@ -880,40 +788,11 @@ class LatentDataset(Dataset):
         return (moments[0], moments[1]), int(self.labels[row])
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Command line: summarize a dataset, optionally read every image to find bad ones, save its class hierarchy.
-
-
-def main(argv=None):
-    p = Parser(description=__doc__)
-    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
-    p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it, default cache/toy)")
-    p.add_argument("--split", default=None, help="inat: train_mini/train/val; vegfru: train/val/test/trainval; "
-                                                  "toy: source/target")
-    p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
-    p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
-    p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
-    p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
-    args = p.parse_args(argv)
-    try:
-        dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e))
-    counts = np.bincount(np.asarray(hierarchy.class_to_superclass)[dataset.labels],
-                         minlength=len(hierarchy.superclass_names))
-    print(f"{len(dataset.files):,} images of {len(hierarchy.class_names):,} classes in "
-          f"{len(hierarchy.superclass_names)} superclasses ({len(dataset):,} items with mirrors)")
-    for s, name in enumerate(hierarchy.superclass_names):
-        print(f"  {s:3d} {name:24s} {hierarchy.class_to_superclass.count(s):6,} classes {counts[s]:9,} images")
-    if args.check:
-        for _ in read_images(dataset, num_workers=args.num_workers):
-            pass
-        print(f"{len(dataset.skipped)} unreadable images"
-              + "".join(f"\n  {f}: {why}" for f, why in dataset.skipped.items()))
-    if args.save_hierarchy:
-        hierarchy.to_json(args.save_hierarchy)
-        print(f"saved {args.save_hierarchy}")
-
-
-if __name__ == "__main__":
-    run_script(main)
+def model_input(batch, vae, device):
+    """A batch as the DiT sees it: cached posterior moments are sampled afresh (z = mean + std * eps), images are
+    encoded by the VAE and scaled, pixels pass as they are."""
+    if isinstance(batch, (list, tuple)):
+        mean, std = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return mean + std * torch.randn_like(std)
+    x = batch.to(device, non_blocking=True)
+    return vae.encode(x).sample() * vae.scaling_factor if vae is not None else x

@@ -1,12 +1,12 @@
 """
 Gaussian diffusion as DiT uses it, in one file: the linear DDPM schedule (Ho et al. 2020), learned-range
 variances and the hybrid loss of Improved DDPM (Nichol & Dhariwal 2021), timestep respacing, and the DDPM,
-DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022) samplers. Numerically it matches the official
-DiT `diffusion/` package, and diffusers' `DPMSolverMultistepScheduler` for DPM-Solver++.
+DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022) samplers, and guided sampling: classifier-free
+guidance and FineDiffusion's superclass guidance (Eq. 1). Numerically it matches the official DiT `diffusion/`
+package, and diffusers' `DPMSolverMultistepScheduler` for DPM-Solver++.
 
 The model is any callable `model(x, t, **model_kwargs) -> (N, 2C, H, W)`: eps in the first C channels,
-the variance interpolation v in [-1, 1] in the other C. Guidance needs nothing from this file: the guided
-callable comes from `DiT.guided` (FineDiffusion Eq. 1), and a sampler runs it like any other model.
+the variance interpolation v in [-1, 1] in the other C. `sample(model, z, labels)` is how every script samples.
 """
 import math
 
@@ -280,3 +280,47 @@ def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
         return sample_dpm_solver(model, x, create_diffusion(""), model_kwargs, progress, steps=steps)
     sampler, spacing = (sample_ddim, f"ddim{steps}") if name == "ddim" else (sample_ddpm, str(steps))
     return sampler(model, x, create_diffusion(spacing), model_kwargs, progress)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Guided sampling: classifier-free guidance (Ho & Salimans 2022) and its fine-grained form, FineDiffusion Eq. 1
+
+
+def guided(model, labels, parents, scale=4.0, guided_channels=None):
+    """
+    `model(x, t, y)` guided towards `labels` (N,) and away from the label rows `parents` (N,), as the callable a
+    sampler runs on the doubled batch [z, z] (labels [c, parent]); both halves get Eq. 1's eps on every eps channel,
+    or on the first `guided_channels` only (3: the official DiT code's quirk), and keep their own variance channels.
+    Doubling the batch as the official samplers do makes a seed draw the same per-step noise as theirs.
+    """
+    y = torch.cat([labels, parents])
+
+    def model_fn(x, t):
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, y)  # (2N, 2C, H, W)
+        k = guided_channels or x.shape[1]
+        eps, rest = out.split([k, out.shape[1] - k], dim=1)
+        cond_eps, parent_eps = eps.chunk(2)
+        eps = parent_eps + scale * (cond_eps - parent_eps)  # FineDiffusion Eq. 1 (w = scale)
+        return torch.cat([torch.cat([eps, eps]), rest], dim=1)
+
+    return model_fn
+
+
+def default_guidance(model):
+    """A DiT's own guidance: "fine" (Eq. 1) where its label table has superclass rows, else "cfg" (the null row)."""
+    return "fine" if model.y_embedder.num_superclasses else "cfg"
+
+
+def sample(model, z, labels, guidance=None, scale=4.0, sampler="ddpm", steps=None, guided_channels=None,
+           progress=True):
+    """
+    Noise z (N, C, H, W) -> x_0 (N, C, H, W) of the classes `labels` (N,) by `sampler` (run_sampler), guided:
+    "fine" away from each class's superclass row (FineDiffusion Eq. 1), "cfg" away from the null row (classifier-free
+    guidance), "none" not at all; None: default_guidance(model). The rows come from the DiT's label table.
+    """
+    guidance = guidance or default_guidance(model)
+    if guidance == "none":
+        return run_sampler(sampler, lambda x, t: model(x, t, labels), z, steps, progress=progress)
+    model_fn = guided(model, labels, model.y_embedder.parent_rows(labels, guidance), scale, guided_channels)
+    return run_sampler(sampler, model_fn, torch.cat([z, z]), steps, progress=progress)[: len(z)]

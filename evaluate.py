@@ -14,6 +14,7 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
     python evaluate.py table r.json                       # Table 1 as markdown
     python evaluate.py tsne --checkpoint results/001-DiT-XL-2-finediffusion   # Figure 7, into the run folder
+    python evaluate.py data --data inat --data-path /data/inat2021 --check --save-hierarchy inat_classes.json
 """
 import colorsys
 import json
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (NON_NEGATIVE, POSITIVE, WORKERS, Parser, load_dataset, new_file, number, read_images, read_json,
-                  run_script, to_tensor, toy_superclass_color)
+import cli
+from checkpoint import WEIGHTS_HELP, find_checkpoint, read_label_table, run_folder
+from cli import NON_NEGATIVE, POSITIVE, WORKERS, new_file, number
+from data import load_dataset, read_images, read_json, to_tensor, toy_superclass_color
 from model import check_state_dict, load_state_dict_file
-from peft import WEIGHTS_HELP, checkpoint_path, read_label_table, run_folder
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -656,7 +658,7 @@ def update_results(path, method, metric, values):
 
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__)
+    parser = cli.Parser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -701,77 +703,98 @@ def parse_args(argv=None):
     p.add_argument("--size", type=POSITIVE, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
                    help="of the figure, in pixels")
     p.add_argument("--device", default=device, help="where t-SNE runs")
+    p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
+    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
+    p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it, default cache/toy)")
+    p.add_argument("--split", default=None, help="inat: train_mini/train/val; vegfru: train/val/test/trainval; "
+                                                  "toy: source/target")
+    p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
+    p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
+    p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
+    """-> what the command wrote (tsne: the figure)."""
     args = parse_args(argv)
-    try:
-        if args.command == "ref-stats":
-            new_file(args.out, "--out")  # refused now, not after hours of Inception
-        for flag in ("samples", "ref"):  # the inputs are there, before any network runs
-            path = getattr(args, flag, None)
-            if path is not None and not os.path.exists(path):
-                raise ValueError(f"--{flag} {path}: no such file or folder")
-        if args.command in ("fid", "lpips") and args.results and os.path.isfile(args.results):
-            read_json(args.results)  # a broken results file is said now, not when the metric is done
-        if args.command in ("ref-stats", "fid"):
-            inception = load_inception(args.inception, args.device)
-            options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
-                           num_workers=args.num_workers, device=args.device)
-            ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
-        if args.command == "ref-stats":
-            stats = image_set_statistics(args.ref, inception, **ref_options)
-            save_statistics(args.out, stats)
-            print(f"saved statistics of {', '.join(stats)} to {args.out}")
-        elif args.command == "fid":
-            reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
-            sample_stats = image_set_statistics(args.samples, inception, **options)
-            fids = fid_by_superclass(sample_stats, reference)
-            print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
-            if set(sample_stats) - set(fids):
-                missing = sorted(set(sample_stats) - set(fids))
-                print(f"no reference images for {missing} (the reference has {list(reference)})")
-            if args.results:
-                update_results(args.results, args.method, "fid", fids)
-        elif args.command == "lpips":
-            lpips = load_lpips(args.lpips_weights, args.device)
-            samples = read_image_npz(args.samples, args.class_map)
-            if samples["labels"] is None:
-                raise ValueError(f"{args.samples} has no `labels`: LPIPS diversity pairs samples of the same class")
-            values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
-                                     samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
-                                     args.device)
-            print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
-            if args.results:
-                update_results(args.results, args.method, "lpips", values)
-        elif args.command == "table":
-            print(results_table([read_json(path) for path in args.results]))
-        elif args.command == "tsne":
-            checkpoint = checkpoint_path(args.checkpoint)
-            out = new_file(args.out, "--out") if args.out else new_file(
-                os.path.join(run_folder(checkpoint) or ".", "tsne.png"))
-            table, hierarchy = read_label_table(checkpoint, args.weights)
-            if (args.class_map or hierarchy) is None:
-                raise ValueError(f"{args.checkpoint} holds no class hierarchy: give the class map with --class-map")
-            class_to_superclass, names = read_class_map(args.class_map or hierarchy)
-            num_superclasses = int(class_to_superclass.max()) + 1
-            names = names or [f"superclass {s}" for s in range(num_superclasses)]
-            if table.shape[0] < len(class_to_superclass) + num_superclasses:
-                raise ValueError(f"{checkpoint}: its label table has {table.shape[0]} rows, and Figure 7 needs the "
-                                 f"{len(class_to_superclass)} fine + {num_superclasses} superclass rows of a tiered "
-                                 f"table, as --method finediffusion trains (others have a row per class + a null row)")
-            fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
-                                                           perplexity=args.perplexity, iterations=args.iterations,
-                                                           seed=args.seed, device=args.device)
-            name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
-            draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
-                         title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
-            print(f"saved {out} (the {args.weights} label table)")
-            return out
-    except (ValueError, FileNotFoundError) as e:  # what the files given say is wrong with them, in one line
-        raise SystemExit(str(e).replace("\n", " "))
+    # every output and input checked before any network runs (not after hours of Inception)
+    out = None if args.command not in ("ref-stats", "tsne") else args.out and new_file(args.out, "--out")
+    cli.check(*(f"--{flag} {getattr(args, flag)}: no such file or folder" for flag in ("samples", "ref")
+                if getattr(args, flag, None) is not None and not os.path.exists(getattr(args, flag))))
+    if args.command in ("fid", "lpips") and args.results and os.path.isfile(args.results):
+        read_json(args.results)
+    if args.command in ("ref-stats", "fid"):
+        inception = load_inception(args.inception, args.device)
+        options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
+                       num_workers=args.num_workers, device=args.device)
+        ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
+    if args.command == "ref-stats":
+        stats = image_set_statistics(args.ref, inception, **ref_options)
+        save_statistics(out, stats)
+        print(f"saved statistics of {', '.join(stats)} to {out}")
+    elif args.command == "fid":
+        reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
+        sample_stats = image_set_statistics(args.samples, inception, **options)
+        fids = fid_by_superclass(sample_stats, reference)
+        print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
+        if set(sample_stats) - set(fids):
+            missing = sorted(set(sample_stats) - set(fids))
+            print(f"no reference images for {missing} (the reference has {list(reference)})")
+        if args.results:
+            update_results(args.results, args.method, "fid", fids)
+    elif args.command == "lpips":
+        lpips = load_lpips(args.lpips_weights, args.device)
+        samples = read_image_npz(args.samples, args.class_map)
+        cli.check(samples["labels"] is None and f"{args.samples} has no `labels`: LPIPS diversity pairs samples of "
+                                                f"the same class")
+        values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
+                                 samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
+                                 args.device)
+        print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
+        if args.results:
+            update_results(args.results, args.method, "lpips", values)
+    elif args.command == "table":
+        print(results_table([read_json(path) for path in args.results]))
+    elif args.command == "tsne":
+        checkpoint = find_checkpoint(args.checkpoint)
+        out = out or new_file(os.path.join(run_folder(checkpoint) or ".", "tsne.png"))
+        table, hierarchy = read_label_table(checkpoint, args.weights)
+        cli.check((args.class_map or hierarchy) is None and f"{args.checkpoint} holds no class hierarchy: give the "
+                                                            f"class map with --class-map")
+        class_to_superclass, names = read_class_map(args.class_map or hierarchy)
+        num_superclasses = int(class_to_superclass.max()) + 1
+        names = names or [f"superclass {s}" for s in range(num_superclasses)]
+        cli.check(table.shape[0] < len(class_to_superclass) + num_superclasses and f"{checkpoint}: its label table "
+                  f"has {table.shape[0]} rows, and Figure 7 needs the {len(class_to_superclass)} fine + "
+                  f"{num_superclasses} superclass rows of a tiered table, as --method finediffusion trains (others "
+                  f"have a row per class + a null row)")
+        fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
+                                                       perplexity=args.perplexity, iterations=args.iterations,
+                                                       seed=args.seed, device=args.device)
+        name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
+        draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
+                     title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
+        print(f"saved {out} (the {args.weights} label table)")
+    elif args.command == "data":  # a data set's summary, its unreadable images, its class hierarchy as JSON
+        hierarchy_out = args.save_hierarchy and new_file(args.save_hierarchy, "--save-hierarchy")
+        dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)
+        counts = np.bincount(np.asarray(hierarchy.class_to_superclass)[dataset.labels],
+                             minlength=len(hierarchy.superclass_names))
+        print(f"{len(dataset.files):,} images of {len(hierarchy.class_names):,} classes in "
+              f"{len(hierarchy.superclass_names)} superclasses ({len(dataset):,} items with mirrors)")
+        for s, superclass in enumerate(hierarchy.superclass_names):
+            print(f"  {s:3d} {superclass:24s} {hierarchy.class_to_superclass.count(s):6,} classes {counts[s]:9,} images")
+        if args.check:
+            for _ in read_images(dataset, num_workers=args.num_workers):
+                pass
+            print(f"{len(dataset.skipped)} unreadable images"
+                  + "".join(f"\n  {f}: {why}" for f, why in dataset.skipped.items()))
+        if hierarchy_out:
+            hierarchy.to_json(hierarchy_out)
+            print(f"saved {hierarchy_out}")
+    return out
 
 
 if __name__ == "__main__":
-    run_script(main)
+    cli.run(main)

@@ -279,32 +279,6 @@ class DiT(nn.Module):
                 x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
-    def guided(self, labels, guidance="fine", scale=4.0, guided_channels=None):
-        """
-        The model callable a sampler takes, guided towards `labels` (N,) and away from their parents:
-            eps = eps(x_t | parent) + scale * (eps(x_t | c) - eps(x_t | parent))        FineDiffusion Eq. 1
-        guidance "fine": each class's superclass row; "cfg": the null row (ordinary classifier-free guidance);
-        "none": no guidance; or a tensor (N,) of the parent rows themselves. Returns (model_fn, copies): run the
-        sampler on z repeated `copies` times and keep its first N rows. As the official samplers, a guided batch is
-        doubled, [z, z] with labels [c, parent], so a seed draws the same per-step noise as theirs. Every eps
-        channel is guided; the variance channels are each row's own. `guided_channels` = 3 reproduces the
-        official DiT code, which guides only channels 0..2.
-        """
-        if isinstance(guidance, str) and guidance == "none":
-            return (lambda x, t: self(x, t, labels)), 1
-        parents = self.y_embedder.parent_rows(labels, guidance) if isinstance(guidance, str) else guidance
-        y = torch.cat([labels, parents])
-        k = self.in_channels if guided_channels is None else guided_channels
-
-        def model_fn(x, t):
-            half = x[: len(x) // 2]
-            eps, rest = self(torch.cat([half, half]), t, y).split([k, self.out_channels - k], dim=1)
-            cond_eps, parent_eps = eps.chunk(2)
-            guided_eps = parent_eps + scale * (cond_eps - parent_eps)  # FineDiffusion Eq. 1
-            return torch.cat([torch.cat([guided_eps, guided_eps]), rest], dim=1)  # (2N, C_out, H, W)
-
-        return model_fn, 2
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos positional embedding (numpy, as the official code computes it)
@@ -420,7 +394,7 @@ def check_state_dict(model, state_dict, source, where_to_get):
 # -----------------------------------------------------------------------------------------------------------
 # DiT checkpoints: the official .pt files (a raw state dict), official DiT and FineDiffusion training checkpoints
 # ({"model", "ema", ...}), .safetensors -> the DiT they hold, checked and loaded strictly. (train.py's own
-# checkpoints are peft.py's format; peft.load_model rebuilds them on top of this.)
+# checkpoints are checkpoint.py's format; checkpoint.load_model rebuilds them on top of this.)
 
 
 LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
@@ -468,8 +442,8 @@ def dit_name(shape):
 
 
 def describe_dit(shape):
-    """One line a user can act on: which --model / --image-size / label table a DiT fits."""
-    size = ("any image size" if shape["input_size"] is None else f"--image-size {shape['input_size'] * 8}"
+    """One line a user can act on: which model, image size and label table a DiT fits."""
+    size = ("any image size" if shape["input_size"] is None else f"{shape['input_size'] * 8} px images"
             if shape["in_channels"] == 4 else f"{shape['input_size']} px in pixel space")
     return (f"{dit_name(shape) or 'a DiT of another shape'} (depth {shape['depth']}, hidden {shape['hidden_size']}, "
             f"patch {shape['patch_size']}), {size}, {shape['table_rows']} label rows (1000 ImageNet classes + null = "
@@ -494,24 +468,21 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
     return model
 
 
-def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, name=None,
-             weights="ema"):
+def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, weights="ema"):
     """
     The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
     width, patch, channels and label table. `input_size` (latent or pixel grid side) defaults to the file's; at another
     size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout)
-    is split into classes and superclasses by `class_to_superclass`. `name` (a --model) is checked, not used.
+    is split into classes and superclasses by `class_to_superclass`.
     `weights`: "ema" or "raw" (dit_state_dict).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
     state_dict = dit_state_dict(checkpoint, weights)
     shape = read_dit_shape(state_dict)
-    if name is not None and dit_name(shape) != name:
-        raise ValueError(f"{source} holds {describe_dit(shape)}, not --model {name}")
     if not (input_size or shape["input_size"]):
-        raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: load it with the input size "
-                         f"(train.py: --image-size)")
+        raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: give the input size to "
+                         f"load it")
     config = {k: shape[k] for k in ("depth", "hidden_size", "patch_size", "in_channels", "mlp_ratio", "learn_sigma",
                                     "norm_affine")}
     config.update(input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])
@@ -519,7 +490,7 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
         num_superclasses = shape["table_rows"] - len(class_to_superclass or ())
         if class_to_superclass is None or num_superclasses <= max(class_to_superclass):
             raise ValueError(f"{source} holds a FineDiffusion label table of {shape['table_rows']} rows (classes + "
-                             f"superclasses): give its class list with --hierarchy (a JSON written by data.py, or "
+                             f"superclasses): its class list is needed to split them (a hierarchy JSON, or "
                              f"iNat's train_mini.json)" + ("" if class_to_superclass is None else
                              f"; the one given has {len(class_to_superclass)} classes and "
                              f"{max(class_to_superclass) + 1} superclasses"))

@@ -7,14 +7,15 @@ import sys
 import pytest
 
 import bench
-import data
+import cli
 import evaluate
 import sample
 import train
 from conftest import ROOT
 
 SCRIPTS = dict(train=lambda argv: train.main(train.parse_args(argv)), sample=lambda argv: sample.main(
-    sample.parse_args(argv)), evaluate=evaluate.main, data=data.main, bench=bench.main)
+    sample.parse_args(argv)), evaluate=evaluate.main, data=lambda argv: evaluate.main(["data", *argv]),
+    bench=bench.main)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def cases(toy):
         ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}/broken.json", "--class", "1"],
          "broken.json is not valid JSON"),
         ("sample", ["--ckpt", toy["checkpoint"], "--class", "999"], "valid ids are 0.."),
-        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--vae", "{bad}/novae"], "--vae: no VAE at"),
-        ("train", ["--vae", "none", "--method", "full"], "--data inat: give --data-path"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--class", "1", "--vae", "{bad}/novae"], "no VAE at"),
+        ("train", ["--vae", "none", "--method", "full"], "no inat data path given"),
         ("train", ["--max-steps", "0"], ">= 1"), ("train", ["--max-steps", "-5"], ">= 1"),
         ("train", ["--global-batch-size", "0"], ">= 1"), ("train", ["--global-batch-size", "-8"], ">= 1"),
         ("train", ["--ckpt-every", "0"], ">= 1"), ("train", ["--log-every", "0"], ">= 1"),
@@ -93,7 +94,7 @@ def test_bad_arguments_get_one_line_and_write_nothing(toy_runs, bad_files, tmp_p
     for script, argv, message in cases(toy_runs):
         argv = [a.replace("{bad}", str(bad_files)) for a in argv]
         with pytest.raises(SystemExit) as stop:
-            SCRIPTS[script](argv)
+            cli.run(lambda: SCRIPTS[script](argv))
         err = capsys.readouterr().err
         said = stop.value.code if isinstance(stop.value.code, str) else err.strip()
         assert stop.value.code not in (0, None), (script, argv)
@@ -111,7 +112,7 @@ def test_a_real_process_prints_one_line(bad_files, tmp_path, script, argv):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "toy.py"])
 def test_help_shows_every_default(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -135,3 +136,8 @@ def test_under_torchrun_a_mistake_is_said_once(toy_runs, tmp_path):
                              timeout=300)
         assert out.returncode != 0 and out.stderr.count(message) == 1, out.stderr[-2000:]
         assert f"{script}\", line" not in out.stderr and os.listdir(tmp_path) == []
+
+
+def test_durations_read_as_people_say_them():
+    assert [cli.duration(s) for s in (40, 420, 5 * 3600 + 12 * 60, 86400 + 3 * 3600, 3 * 86400 + 4 * 3600)] == [
+        "40 s", "7 min", "5 h 12 min", "1 day 3 h", "3 days 4 h"]

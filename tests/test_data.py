@@ -425,3 +425,21 @@ def test_empty_class_folders_and_superclasses_are_left_out(tmp_path, capsys):
     assert hierarchy.class_to_superclass == [0, 1] and dataset.labels.tolist() == [0, 1]
     warning = capsys.readouterr().err.strip()
     assert warning.count("\n") == 0 and "2 class folders without images" in warning and "1 superclasses" in warning
+
+
+def test_model_input_samples_the_cached_posterior():
+    """What a step feeds the DiT from cached moments: z = mean + std * eps, drawn afresh each time."""
+    torch.manual_seed(0)
+    mean, std = torch.randn(1, 4, 3, 3).expand(20000, -1, -1, -1), torch.rand(1, 4, 3, 3).expand(20000, -1, -1, -1)
+    z = data.model_input((mean, std), None, torch.device("cpu"))
+    assert (z.mean(0) - mean[0]).abs().max() <= 5 * std.max() / 20000 ** 0.5
+    assert (z.std(0) / std[0] - 1).abs().max() <= 0.03
+    f = fixture("vae_tiny.pt")
+    vae = load_vae_state_dict(AutoencoderKL.from_config(f["config"]), f["state_dict"]).eval()
+    with torch.no_grad():
+        posterior = vae.encode(f["image"])
+        torch.manual_seed(1)
+        z = data.model_input(f["image"], vae, torch.device("cpu"))
+    torch.manual_seed(1)
+    expected = (posterior.mean + posterior.std * torch.randn_like(posterior.std)) * vae.scaling_factor
+    torch.testing.assert_close(z, expected)

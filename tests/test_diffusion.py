@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import dit_from_fixture, fixture, rel_err
-from diffusion import create_diffusion, sample_ddim, sample_ddpm, sample_dpm_solver, space_timesteps
+from diffusion import create_diffusion, guided, sample_ddim, sample_ddpm, sample_dpm_solver, space_timesteps
 
 RESPACINGS = ["respaced_250", "respaced_25"]  # the fixture's entries; the respacing string is the name's suffix
 
@@ -77,9 +77,9 @@ def test_guided_loop_matches_official(ref, model, name):
     """Guidance is the guided model callable on a doubled batch, fed to the ordinary sampler."""
     r = ref[name]
     n = len(r["guided_y"]) // 2
-    model_fn, copies = model.guided(r["guided_y"][:n], r["guided_y"][n:], r["guided_scale"], guided_channels=3)
+    model_fn = guided(model, r["guided_y"][:n], r["guided_y"][n:], r["guided_scale"], guided_channels=3)
     torch.manual_seed(r["guided_seed"])
-    x = sample_ddpm(model_fn, r["guided_noise"][:n].repeat(copies, 1, 1, 1), respaced(name), progress=False)
+    x = sample_ddpm(model_fn, r["guided_noise"][:n].repeat(2, 1, 1, 1), respaced(name), progress=False)
     assert torch.equal(r["guided_noise"][:n], r["guided_noise"][n:])  # the official [z, z]
     assert rel_err(x, r["guided_sample_first3channels"]) <= 1e-3
 
@@ -88,9 +88,9 @@ def test_official_finediffusion_guided_loop():
     """As FineDiffusion's sample.py: noise [z, z], labels [fine, superclass row], DDPM on str(steps) steps."""
     f = fixture("finediffusion_official_tiny.pt")
     model = dit_from_fixture(f)
-    model_fn, copies = model.guided(f["sub_labels"], f["super_labels"], f["scale"], guided_channels=3)
+    model_fn = guided(model, f["sub_labels"], f["super_labels"], f["scale"], guided_channels=3)
     torch.manual_seed(f["seed"])
-    x = sample_ddpm(model_fn, f["noise"].repeat(copies, 1, 1, 1), create_diffusion(str(f["steps"])), progress=False)
+    x = sample_ddpm(model_fn, f["noise"].repeat(2, 1, 1, 1), create_diffusion(str(f["steps"])), progress=False)
     assert rel_err(x, f["guided_sample_first3channels"]) <= 1e-3
 
 
@@ -102,7 +102,7 @@ def test_dpm_solver_matches_diffusers():
     """
     f = fixture("dpm_solver_tiny.pt")
     model, n = dit_from_fixture(f), len(f["noise"])
-    model_fn, copies = model.guided(f["sub_labels"], f["super_labels"], f["scale"])
+    model_fn = guided(model, f["sub_labels"], f["super_labels"], f["scale"])
     seen_t, seen_x = [], []
 
     def recorded(x, t):
@@ -110,7 +110,7 @@ def test_dpm_solver_matches_diffusers():
         seen_x.append(x[:n])
         return model_fn(x, t)
 
-    x = sample_dpm_solver(recorded, f["noise"].repeat(copies, 1, 1, 1), create_diffusion(""), progress=False,
+    x = sample_dpm_solver(recorded, f["noise"].repeat(2, 1, 1, 1), create_diffusion(""), progress=False,
                           steps=f["steps"])[:n]
     assert seen_t == f["timesteps"].tolist()
     assert rel_err(seen_x[1], f["after_first_step"]) <= 1e-3

@@ -1,15 +1,10 @@
-"""Fine-tuning methods: exact parameter counts, what trains, what a fresh model promises, merging, checkpoints."""
-import glob
-import os
-
+"""Fine-tuning methods: exact parameter counts, what trains, what a fresh model promises, merging."""
 import pytest
 import torch
 
 from conftest import dit_from_fixture, fixture
 from model import DIT_CONFIGS, DiT
-from peft import (METHODS, Checkpoint, base_fingerprint, checkpoint_file, checkpoint_path, create_run_folder,
-                  interrupted_saves, load_model, merge, named_runs, newest_checkpoint, parameter_table, prepare,
-                  read_checkpoint, run_folder, saved_checkpoints, save_checkpoint, trainable_state_dict)
+from peft import METHODS, merge, parameter_table, prepare, trainable_state_dict
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
 
@@ -134,46 +129,6 @@ def test_merged_equals_unmerged(method):
         assert names["merged"] == names["official"]
 
 
-def test_delta_round_trip_and_wrong_base(tmp_path):
-    """A delta written by save_checkpoint and read back on its base is the trained model; another base is refused."""
-    f, model = fresh("finediffusion")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))
-    base = dit_from_fixture(f)
-    torch.save(f["state_dict"], tmp_path / "base.pt")
-    trained = trainable_state_dict(model)
-    checkpoint = Checkpoint(method="finediffusion", options=dict(class_to_superclass=PARENTS), dit=base.config,
-                            base=dict(path=str(tmp_path / "base.pt"), sha256=base_fingerprint(base)), hierarchy={},
-                            vae=None, data={}, model=trained, ema=trained, step=1)
-    save_checkpoint(str(tmp_path / "delta.pt"), checkpoint)
-    read = read_checkpoint(str(tmp_path / "delta.pt"))
-    assert (read.method, read.options, read.dit, read.base, read.step) == (
-        checkpoint.method, checkpoint.options, checkpoint.dit, checkpoint.base, checkpoint.step)
-    assert read.ema.keys() == trained.keys() and all(torch.equal(read.ema[k], v) for k, v in trained.items())
-    rebuilt, read = load_model(str(tmp_path / "delta.pt"))  # heads: from the recorded base config
-    assert read.method == "finediffusion" and read.base == checkpoint.base
-    labels = torch.arange(len(f["y"])) % rebuilt.y_embedder.embedding_table.num_embeddings
-    with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(f["x"], f["t"], labels), model.eval()(f["x"], f["t"], labels))
-    other = dict(f["state_dict"])
-    deep = f"blocks.{f['config']['depth'] - 1}.mlp.fc1.weight"
-    other[deep] = other[deep] + 1e-3  # a frozen tensor deep inside
-    torch.save(other, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not the base"):
-        load_model(str(tmp_path / "delta.pt"), base=str(tmp_path / "other.pt"))
-    (tmp_path / "base.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="--base"):
-        load_model(str(tmp_path / "delta.pt"))
-
-
-def test_old_checkpoint_format_is_refused_with_a_message(tmp_path):
-    torch.save(dict(method="finediffusion", ema={}, model={}, args={}), tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="format 1; this version reads format 2"):
-        read_checkpoint(str(tmp_path / "old.pt"))
-
-
 def test_unknown_method_and_missing_hierarchy():
     f = fixture("dit_tiny.pt")
     with pytest.raises(ValueError, match="choose one of"):
@@ -182,23 +137,3 @@ def test_unknown_method_and_missing_hierarchy():
         prepare(dit_from_fixture(f), "finediffusion", [0] * len(PARENTS), num_superclasses=0)
     with pytest.raises(ValueError, match="no option"):
         prepare(dit_from_fixture(f), "bitfit", PARENTS, lora_rank=4)
-
-
-def test_run_folders(tmp_path):
-    """results/NNN-<name>: numbered above the highest there, found by name (newest first) and by their checkpoints
-    (the highest step of one run; the newest written of all runs); a checkpoint leads back to its run."""
-    results = str(tmp_path / "results[1]")  # a glob character in the path is taken literally
-    os.makedirs(os.path.join(results, "007-someone-else"))
-    runs = [create_run_folder(results, "fd") for _ in range(2)]
-    assert [os.path.basename(r) for r in runs] == ["008-fd", "009-fd"] and named_runs("fd", results) == runs[::-1]
-    assert newest_checkpoint(results) is None and saved_checkpoints(runs[0]) == []
-    for run, steps in ((runs[1], (20, 100)), (runs[0], (5,))):  # runs[0]'s is written last
-        for step in steps:
-            open(checkpoint_file(run, step), "w").close()
-    assert saved_checkpoints(runs[1]) == [checkpoint_file(runs[1], 20), checkpoint_file(runs[1], 100)]
-    assert checkpoint_path("fd", results) == checkpoint_file(runs[1], 100) == checkpoint_path(runs[1])
-    os.utime(checkpoint_file(runs[0], 5), (2e9, 2e9))
-    assert newest_checkpoint(results) == checkpoint_file(runs[0], 5)
-    assert os.path.samefile(run_folder(checkpoint_file(runs[1], 20)), runs[1]) and run_folder(__file__) is None
-    open(checkpoint_file(runs[1], 30) + ".123.tmp", "w").close()
-    assert [os.path.basename(p) for p in glob.glob(interrupted_saves(runs[1]))] == ["0000030.pt.123.tmp"]

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 import evaluate
-import peft
 import sample
+from checkpoint import find_checkpoint, load_model, read_checkpoint, read_label_table, save_checkpoint
 from conftest import ROOT, fixture, write_tiny_vae
 import data
 from data import Hierarchy
 from model import DIT_CONFIGS, DiT
-from peft import read_checkpoint, save_checkpoint
+from model import LABEL_TABLE_KEY
 
 
 def run(ckpt, tmp_path, *extra):
@@ -41,7 +41,7 @@ def test_a_grid_larger_than_a_batch_is_sampled_in_parts(toy_runs, tmp_path, offi
     assert np.abs(run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--sampler", "ddim", "--batch-size",
                       "3") - whole).max() <= 1
     classes = official_files["official"].y_embedder.num_classes
-    with pytest.raises(SystemExit, match=rf"this model has {classes:,} classes \(a grid takes at most 100\)"):
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"this model has {classes:,} classes \(a grid takes at most 100\)"):
         run(str(official_files["root"] / "DiT-S-8.pt"), tmp_path, "--class", "all", "--vae", official_files["vae"])
 
 
@@ -49,11 +49,11 @@ def test_class_by_name_and_bad_inputs(toy_runs, tmp_path):
     names = read_checkpoint(toy_runs["checkpoint"]).hierarchy["class_names"]
     by_name = run(toy_runs["checkpoint"], tmp_path, "--class", names[3].upper(), "--seed", "1")
     assert np.array_equal(by_name, run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--seed", "1"))
-    with pytest.raises(SystemExit, match=rf"valid ids are 0\.\.{len(names) - 1}"):
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"valid ids are 0\.\.{len(names) - 1}"):
         run(toy_runs["checkpoint"], tmp_path, "--class", str(len(names)))
-    with pytest.raises(SystemExit, match=f"closest: .*{names[3]}"):
+    with pytest.raises((ValueError, FileNotFoundError), match=f"closest: .*{names[3]}"):
         run(toy_runs["checkpoint"], tmp_path, "--class", names[3][:-1] + "z")
-    with pytest.raises(SystemExit, match="no null label row"):
+    with pytest.raises((ValueError, FileNotFoundError), match="no null label row"):
         run(toy_runs["checkpoint"], tmp_path, "--class", "3", "--guidance", "cfg")
 
 
@@ -64,12 +64,11 @@ def test_moved_base_needs_and_takes_base(toy_runs, tmp_path):
     checkpoint = read_checkpoint(toy_runs["checkpoint"])
     checkpoint.base = dict(checkpoint.base, path=str(tmp_path / "gone.pt"))  # as if the base had moved
     save_checkpoint(delta, checkpoint)
-    with pytest.raises(SystemExit, match="--base"):
+    with pytest.raises(FileNotFoundError, match="sample.py --base"):
         run(delta, tmp_path, "--class", "2")
     run(delta, tmp_path, "--class", "2", "--base", str(moved / "checkpoints" / "0000003.pt"))
-    before = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))[0]
-    after = sample.load_model(sample.parse_args(["--ckpt", delta, "--base",
-                                                 str(moved / "checkpoints" / "0000003.pt")]))[0]
+    before = load_model(toy_runs["checkpoint"])[0]
+    after = load_model(delta, str(moved / "checkpoints" / "0000003.pt"))[0]
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500]), torch.tensor([0, 2, 4])
     with torch.no_grad():
         assert torch.equal(before.eval()(x, t, y), after.eval()(x, t, y))
@@ -102,14 +101,15 @@ def official_files(tmp_path_factory):
 def test_official_checkpoints_load_for_sampling(official_files):
     """Both load by their shapes; the FineDiffusion one needs --hierarchy for its split of rows."""
     root, x, t = official_files["root"], torch.randn(2, official_files["channels"], 8, 8), torch.tensor([10, 500])
-    for file, reference, labels, extra in [("DiT-S-8.pt", official_files["official"], torch.tensor([1, 1000]), []),
-                                           ("finediffusion.pt", official_files["tiered"], torch.tensor([4, 6]),
-                                            ["--hierarchy", str(root / "classes.json")])]:
-        model = sample.load_model(sample.parse_args(["--ckpt", str(root / file)] + extra))[0]
+    parents = Hierarchy.from_json(str(root / "classes.json")).class_to_superclass
+    for file, reference, labels, classes in [("DiT-S-8.pt", official_files["official"], torch.tensor([1, 1000]), None),
+                                             ("finediffusion.pt", official_files["tiered"], torch.tensor([4, 6]),
+                                              parents)]:
+        model = load_model(str(root / file), class_to_superclass=classes)[0]
         with torch.no_grad():
             assert torch.equal(model.eval()(x, t, labels), reference(x, t, labels))
-    with pytest.raises(SystemExit, match="--hierarchy"):
-        sample.load_model(sample.parse_args(["--ckpt", str(root / "finediffusion.pt")]))
+    with pytest.raises(ValueError, match="its class list is needed"):
+        load_model(str(root / "finediffusion.pt"))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
@@ -164,7 +164,7 @@ def test_guidances_side_by_side_after_the_training_images(toy_runs, tmp_path):
         alone = cells(run(toy_runs["checkpoint"], tmp_path, "--class", "all", "--guidance", guidance, "--seed", "4"),
                       n * len(names), px, tmp_path, cols=n, row_names=names).reshape(len(names), n, px, px, 3)
         assert np.array_equal(grid[:, block], alone)
-    with pytest.raises(SystemExit, match="exists and is not overwritten"):
+    with pytest.raises((ValueError, FileNotFoundError), match="exists and is not overwritten"):
         run(toy_runs["checkpoint"], tmp_path, "--class", "0", "--out", str(tmp_path / "grid0.png"))
 
 
@@ -210,10 +210,10 @@ def test_list_classes_a_run_folder_and_a_superclass_name(toy_runs, tmp_path, cap
     sample.main(sample.parse_args(["--ckpt", toy_runs["run_dir"], "--list-classes", superclass.upper()]))
     listed = capsys.readouterr().out.strip().splitlines()
     assert [int(line.split()[0]) for line in listed] == members and all(f"[{superclass}]" in line for line in listed)
-    with pytest.raises(SystemExit, match=f"'{superclass}' is a superclass of {len(members)} classes"):
+    with pytest.raises((ValueError, FileNotFoundError), match=f"'{superclass}' is a superclass of {len(members)} classes"):
         run(toy_runs["run_dir"], tmp_path, "--class", superclass)
-    from_folder = sample.load_model(sample.parse_args(["--ckpt", toy_runs["run_dir"]]))[0]
-    from_file = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"]]))[0]
+    from_folder = load_model(find_checkpoint(toy_runs["run_dir"]))[0]
+    from_file = load_model(toy_runs["checkpoint"])[0]
     assert all(torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), from_file.state_dict().values()))
 
 
@@ -235,20 +235,18 @@ def test_raw_or_ema_weights(toy_runs, official_files, tmp_path):
     checkpoint = read_checkpoint(toy_runs["checkpoint"])
     models = {}
     for weights in ("ema", "raw"):
-        models[weights] = sample.load_model(sample.parse_args(["--ckpt", toy_runs["checkpoint"], "--weights",
-                                                               weights]))[0].state_dict()
+        models[weights] = load_model(toy_runs["checkpoint"], weights=weights)[0].state_dict()
         assert all(torch.equal(models[weights][name], tensor) for name, tensor in checkpoint.tensors(weights).items())
-        table, _ = peft.read_label_table(toy_runs["checkpoint"], weights)
-        assert torch.equal(table, checkpoint.tensors(weights)[peft.LABEL_TABLE_KEY])
-    assert not torch.equal(models["ema"][peft.LABEL_TABLE_KEY], models["raw"][peft.LABEL_TABLE_KEY])
+        table, _ = read_label_table(toy_runs["checkpoint"], weights)
+        assert torch.equal(table, checkpoint.tensors(weights)[LABEL_TABLE_KEY])
+    assert not torch.equal(models["ema"][LABEL_TABLE_KEY], models["raw"][LABEL_TABLE_KEY])
     grids = [run(toy_runs["checkpoint"], tmp_path, "--class", "2", "--sampler", "ddim", "--weights", w)
              for w in ("ema", "raw")]
     assert not np.array_equal(*grids)
 
     raw = {name: tensor + 0.01 for name, tensor in official_files["tiered"].state_dict().items()}
     torch.save(dict(model=raw, ema=official_files["tiered"].state_dict()), tmp_path / "official.pt")
-    classes = ["--hierarchy", str(official_files["root"] / "classes.json")]
+    parents = Hierarchy.from_json(str(official_files["root"] / "classes.json")).class_to_superclass
     for weights, expected in (("ema", official_files["tiered"].state_dict()), ("raw", raw)):
-        loaded = sample.load_model(sample.parse_args(["--ckpt", str(tmp_path / "official.pt"), "--weights", weights]
-                                                     + classes))[0].state_dict()
+        loaded = load_model(str(tmp_path / "official.pt"), class_to_superclass=parents, weights=weights)[0].state_dict()
         assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())

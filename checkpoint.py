@@ -1,0 +1,281 @@
+"""
+A run on disk: run folders and their names, the checkpoint format, and `load_model`, the one way every script
+(sample, evaluate, bench, train's resume) turns a checkpoint into a model.
+
+    results/NNN-<name>/              a run; NNN one above the highest number there, <name> its --run-name
+        checkpoints/0040000.pt       the Checkpoint of step 40,000, written into a temporary file and renamed
+        log.txt                      what train.py said
+        metrics.jsonl                one JSON line per logged step: {step, loss, steps_per_s, images_per_s, lr, method}
+        samples/                     grids and bulk samples, of the training and of sample.py
+
+A run's name stands for its newest folder, a folder for its newest checkpoint (`find_checkpoint`). A checkpoint of a
+method that freezes part of its base holds only what trained and names its base by path and by `fingerprint`, the
+sha256 of all its tensors; `load_model` rebuilds it: base -> peft.prepare -> trained tensors -> peft.merge.
+"""
+import dataclasses
+import glob
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from data import fingerprint, remove_stale_temporaries
+from model import LABEL_TABLE_KEY, DiT, dit_state_dict, load_dit, load_state_dict_file
+from peft import merge, prepare, trainable_state_dict
+
+CHECKPOINTS_DIR, SAMPLES_DIR, METRICS_FILE, LOG_FILE = "checkpoints", "samples", "metrics.jsonl", "log.txt"
+
+# -----------------------------------------------------------------------------------------------------------
+# The checkpoint format: the one place that knows its keys
+
+FORMAT = 2  # 1: the unversioned files of the first versions
+WEIGHTS_HELP = ("which weights of a training checkpoint (ours, or official {model, ema}): ema, their moving average "
+                "(what the papers sample), or raw, the trained values themselves. Early in a short fine-tune the EMA "
+                "is still mostly the base model")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """
+    A checkpoint of train.py. On disk: a dict of these fields and `format`, plain data and tensors only, so
+    torch.load(weights_only=True) reads it.
+        method     a key of peft.METHODS
+        options    peft.prepare()'s keyword arguments: class_to_superclass, num_superclasses, p_parent, its own
+        dit        the base's architecture, DiT(**dit) (model.DiT.config)
+        base       None when the file holds every trained tensor (full fine-tuning, training from scratch); else
+                   {path, sha256}: where the base checkpoint was and the fingerprint of its tensors
+        hierarchy  data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
+        vae        the VAE (a path) whose latent space the model works in, or None: pixel space
+        data       what it trained on: {kind, path, split, image_size, hflip (mirrored copies or not)}
+        model      {name: tensor} of every parameter the method trains
+        ema        the same names: their exponential moving average in float32, what sampling uses
+        step       optimizer steps taken
+      and what a resume needs (None in a checkpoint made for sampling only):
+        optimizer  the AdamW state dict
+        scaler     the fp16 GradScaler state dict
+        rng        every rank's RNG states: [{cpu, cuda}] in rank order
+        settings   train.py's flags, {name: value}
+    """
+    method: str
+    options: dict
+    dit: dict
+    base: dict
+    hierarchy: dict
+    vae: str
+    data: dict
+    model: dict
+    ema: dict
+    step: int
+    optimizer: dict = None
+    scaler: dict = None
+    rng: list = None
+    settings: dict = None
+
+    def tensors(self, weights="ema"):
+        """The trained tensors to use: "ema", their moving average (what sampling uses by default), or "raw"."""
+        return self.ema if weights == "ema" else self.model
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a Checkpoint atomically: into a temporary file of this process, then renamed (a kill never tears it)."""
+    contents = dict(format=FORMAT, **{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(contents, tmp)
+    os.replace(tmp, path)
+
+
+def as_checkpoint(contents, source):
+    """What torch.load read from a file -> Checkpoint, or None when it is no checkpoint of train.py."""
+    if not (isinstance(contents, dict) and "method" in contents):
+        return None
+    if contents.get("format", 1) != FORMAT:
+        raise ValueError(f"{source} is a train.py checkpoint of format {contents.get('format', 1)}; this version "
+                         f"reads format {FORMAT} only: sample or resume it with the version of this repository that "
+                         f"wrote it, or train again")
+    names = [f.name for f in dataclasses.fields(Checkpoint)]
+    missing = [name for name in names if name not in contents]
+    if missing:
+        raise ValueError(f"{source} is an incomplete train.py checkpoint: it lacks {missing}")
+    return Checkpoint(**{name: contents[name] for name in names})
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint file -> Checkpoint."""
+    checkpoint = as_checkpoint(load_state_dict_file(path), path)
+    if checkpoint is None:
+        raise ValueError(f"{path} is not a checkpoint of train.py")
+    return checkpoint
+
+
+def load_base(path, input_size=None, num_heads=None):
+    """A base to fine-tune, from any DiT file or train.py checkpoint (adapters merged) -> (model, {path, sha256})."""
+    model, _ = load_model(path, input_size=input_size, num_heads=num_heads)
+    return model, dict(path=os.path.abspath(path), sha256=fingerprint(model.state_dict()))
+
+
+def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, weights="ema",
+               merged=True):
+    """
+    Any checkpoint file -> (model, Checkpoint or None). A train.py checkpoint is rebuilt: its base (from `base`, or
+    the path it recorded, checked against its fingerprint; a fresh DiT(**dit) when the file holds every trained
+    tensor), peft.prepare(method), then its trained tensors (`weights`: "ema" or "raw"), then peft.merge unless
+    merged=False (to train on). Any other DiT file (official DiT, official FineDiffusion, safetensors) is read by
+    model.load_dit; a tiered table needs `class_to_superclass`. `input_size`: another grid (DiT.resize).
+    """
+    contents = load_state_dict_file(path)
+    checkpoint = as_checkpoint(contents, path)
+    if checkpoint is None:
+        return load_dit(contents, path, input_size, class_to_superclass, num_heads, weights), None
+    if checkpoint.base is None:
+        model = DiT(**checkpoint.dit)
+    else:
+        base = base or checkpoint.base["path"]
+        if not os.path.isfile(base):
+            raise FileNotFoundError(f"{path} holds only what {checkpoint.method} trained, on top of its base {base}, "
+                                    f"which is not there (moved?): give the base's new path (sample.py --base; "
+                                    f"train.py --resume with --ckpt), it is checked by its fingerprint")
+        model, identity = load_base(base, checkpoint.dit["input_size"], checkpoint.dit["num_heads"])
+        if identity["sha256"] != checkpoint.base["sha256"] or model.config != checkpoint.dit:
+            raise ValueError(f"{base} is not the base {path} was trained on (that was {checkpoint.base['path']}, "
+                             f"sha256 {checkpoint.base['sha256'][:16]}...; this one has {identity['sha256'][:16]}...)")
+    prepare(model, checkpoint.method, **checkpoint.options)
+    tensors, expected = checkpoint.tensors(weights), set(trainable_state_dict(model))
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: its tensors do not match method {checkpoint.method}: missing "
+                         f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
+    model.load_state_dict(tensors, strict=False)
+    return (merge(model) if merged else model).resize(input_size), checkpoint
+
+
+def read_label_table(path, weights="ema"):
+    """(label table (rows, D), hierarchy dict or None) of any checkpoint file, without building its model."""
+    contents = load_state_dict_file(path)
+    checkpoint = as_checkpoint(contents, path)
+    if checkpoint is not None:
+        return checkpoint.tensors(weights)[LABEL_TABLE_KEY].float(), checkpoint.hierarchy
+    state_dict = dit_state_dict(contents, weights)
+    if not isinstance(state_dict, dict) or LABEL_TABLE_KEY not in state_dict:
+        raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: it is no checkpoint of train.py, no official "
+                         f"FineDiffusion checkpoint and no DiT state dict")
+    return state_dict[LABEL_TABLE_KEY].float(), None
+
+
+def rng_states(world_size):
+    """Every rank's RNG states (CPU and CUDA), gathered so one file can resume all of them exactly."""
+    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, world_size, seed):
+    """This rank's saved random streams -> whether the run goes on bit-exactly. On another world size the streams
+    start afresh from `seed` (the run goes on, not bit-exactly)."""
+    if len(states) != world_size:
+        torch.manual_seed(seed * world_size + rank)
+        return False
+    torch.set_rng_state(states[rank]["cpu"])
+    if torch.cuda.is_available() and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+    return True
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Run folders: the one place that knows their layout
+
+
+def create_run_folder(results_dir, name):
+    """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive mkdir
+    fails when another run took the number first, and the next number is tried."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
+        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        try:
+            os.mkdir(run_dir)
+        except FileExistsError:
+            continue
+        os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
+        return run_dir
+
+
+def checkpoint_file(run_dir, step):
+    """Where train.py saves a run's checkpoint of `step`."""
+    return os.path.join(run_dir, CHECKPOINTS_DIR, f"{step:07d}.pt")
+
+
+def saved_checkpoints(run_dir):
+    """A run folder's checkpoint files, the lowest step first ([] where there are none)."""
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), CHECKPOINTS_DIR, "*.pt")))
+
+
+def run_folder(path):
+    """The run folder a checkpoint file lies in, or None outside one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == CHECKPOINTS_DIR else None
+
+
+def named_runs(name, results_dir="results"):
+    """The run folders results_dir/NNN-<name>, newest (highest number) first."""
+    if not os.path.isdir(results_dir):
+        return []
+    runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [name]]
+    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))]
+
+
+def find_checkpoint(path=None, results_dir="results"):
+    """A checkpoint file; or a run folder, or a run's name (the newest results_dir/NNN-<name>) -> its newest
+    checkpoint (the highest step); None -> the checkpoint written last by any run in results_dir."""
+    if path is None:
+        found = [p for run in glob.glob(os.path.join(glob.escape(results_dir), "*")) for p in saved_checkpoints(run)]
+        if not found:
+            raise FileNotFoundError(f"no checkpoint under {results_dir}/: train one (python toy.py) or give one")
+        return max(found, key=os.path.getmtime)
+    if not os.path.exists(path):
+        path = next(iter(named_runs(path, results_dir)), path)
+    if not os.path.isdir(path):
+        return path
+    saved = saved_checkpoints(path)
+    if not saved:
+        raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no {CHECKPOINTS_DIR}/*.pt")
+    return saved[-1]
+
+
+def open_run(results_dir, name, resume=None):
+    """The folder a run writes into: a resume from its run's newest checkpoint writes on there (its stale
+    temporaries removed); a new run, or a resume from an earlier or copied checkpoint (a branch: no checkpoint is
+    ever overwritten), gets a new folder in results_dir."""
+    old_run = run_folder(resume) if resume else None
+    if old_run and os.path.samefile(find_checkpoint(old_run), resume):
+        remove_stale_temporaries(os.path.join(glob.escape(old_run), CHECKPOINTS_DIR, "*.pt.*.tmp"))
+        return old_run
+    return create_run_folder(results_dir, name)
+
+
+class RunLog:
+    """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl;
+    other ranks write nothing."""
+
+    def __init__(self, run_dir, rank, echo=print):
+        self.files = [open(os.path.join(run_dir, n), "a") for n in (LOG_FILE, METRICS_FILE)] if rank == 0 else None
+        self.echo = echo
+
+    def __call__(self, message, **metrics):
+        if self.files:
+            self.echo(message)
+            for file, line in zip(self.files, (message, json.dumps(metrics) if metrics else None)):
+                if line is not None:
+                    file.write(line + "\n")
+                    file.flush()
+
+
+def read_metrics(run):
+    """A run folder -> its logged steps, each {step, loss, steps_per_s, images_per_s, lr, method}."""
+    path = os.path.join(run, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run} is not a train.py run folder: it has no {METRICS_FILE}")
+    with open(path) as f:
+        return [json.loads(line) for line in f]

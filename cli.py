@@ -1,0 +1,147 @@
+"""
+The command-line conventions every script shares, in one place (the role nanoGPT gives configurator.py):
+--help shows each flag's default; numbers say their valid range; an output path is never one that is taken;
+and `run(main)`, each script's entry, turns a user's mistake into one line on stderr and a non-zero exit.
+
+Below the scripts, functions raise ValueError or FileNotFoundError saying what is wrong with the thing itself (a
+file, a key, a class); `run` prints that message once (by rank 0 under torchrun) and exits with code 1.
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the defaults in --help and a bad argument said in one line (exit code 2), once per torchrun."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n" if is_rank_zero() else None)
+
+    def parse_args(self, args=None, namespace=None):
+        """The arguments, and in `given` the names of those the command line itself set (not left at a default)."""
+        parsed = super().parse_args(args, namespace)
+        defaults = {action.dest: action.default for action in self._actions}
+        for action in self._actions:
+            action.default = argparse.SUPPRESS
+        try:
+            parsed.given = sorted(vars(super().parse_args(args)))
+        finally:
+            for action in self._actions:
+                action.default = defaults[action.dest]
+        return parsed
+
+
+def flag(name):
+    """An argparse destination as the command line spells it: lora_rank -> --lora-rank."""
+    return "--" + name.replace("_", "-")
+
+
+def number(kind=int, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` in [low, high] (low excluded when low_open), the range in its message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            valid = " and ".join(([f"{'>' if low_open else '>='} {low}"] if low is not None else [])
+                                 + ([f"<= {high}"] if high is not None else [])) or "finite"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {valid}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = number(int, 1), number(int, 0), number(float, 0.0, 1.0)
+WORKERS = min(4, os.cpu_count() or 1)  # --num-workers: what the machine has, up to 4
+
+
+def new_file(path, flag=None, companions=()):
+    """Where a script may write without overwriting anything: path, and path + each suffix of `companions` (files
+    written beside it). A path the user gave (named by `flag`) that is taken is refused; a default one becomes
+    name-1.ext, name-2.ext, ... (the first that is free)."""
+    taken = lambda p: any(os.path.exists(p + suffix) for suffix in ("",) + tuple(companions))
+    if flag and taken(path):
+        raise ValueError(f"{flag} {path} exists and is not overwritten: give a new path, or move the old one away")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the folders are made when written: the nearest one that exists must be one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag or 'the output'} {path}: {folder} is a file, not a folder")
+    stem, ext = os.path.splitext(path)
+    k = 0
+    while taken(path):
+        k += 1
+        path = f"{stem}-{k}{ext}"
+    return path
+
+
+def check(*problems):
+    """Raise a ValueError with the first of `problems` (each a message, or a false value where there is none)."""
+    problem = next((problem for problem in problems if problem), None)
+    if problem:
+        raise ValueError(problem)
+
+
+def duration(seconds):
+    """Seconds as a person says them: '40 s', '7 min', '5 h 12 min', '1 day 3 h', '3 days 4 h'."""
+    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if hours < 1:
+        return f"{minutes:.0f} min"
+    return (f"{int(hours)} h {int(minutes % 60)} min" if days < 1
+            else f"{int(days)} day{'s' if days >= 2 else ''} {int(hours % 24)} h")
+
+
+class StopRequest:
+    """Within it, SIGTERM (a cluster scheduler taking the node back) and SIGINT (Ctrl-C) only set `signum`, so that a
+    loop can finish its step, save and exit rather than die mid-step."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def is_rank_zero():
+    """Whether this process speaks for the run: under torchrun only rank 0 does (RANK is set before any process
+    group exists, so this holds while the arguments are parsed too)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run(main):
+    """A script's entry point: main() -> its result. A ValueError or FileNotFoundError (what is wrong with an input),
+    or a SystemExit with a message, is printed once as one line, and every rank leaves its process group and exits
+    with code 1; Ctrl-C outside a loop that handles it exits with 130. A traceback is a bug of ours."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, SystemExit, KeyboardInterrupt) as error:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if isinstance(error, SystemExit) and not isinstance(error.code, str):
+            raise
+        interrupted = isinstance(error, KeyboardInterrupt)
+        message = "interrupted: what was saved is kept" if interrupted else str(error.code if isinstance(
+            error, SystemExit) else error)
+        if is_rank_zero():
+            print(" ".join(message.split("\n")), file=sys.stderr)
+        raise SystemExit(130 if interrupted else 1) from None

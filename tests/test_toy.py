@@ -1,0 +1,47 @@
+"""toy.py: the README's first run in one command, on a few steps: base, fine-tune, pictures, runs found by name."""
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+import data
+import sample
+import toy
+import train
+from checkpoint import find_checkpoint, read_checkpoint
+
+
+def test_toy_is_one_command(toy_runs, tmp_path, monkeypatch, capsys):
+    """toy.py on a few steps: pre-trains a base (for twice the steps), fine-tunes it, and leaves a grid of every
+    target class and the t-SNE in the run folder; a second toy.py, with another method, reuses the finished base.
+    Runs are found by name afterwards, whatever else results/ holds."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("results/000-something-else/checkpoints")  # another run, and a failed one, before ours
+    common = ["--model", "DiT-T/4", "--max-steps", "4", "--data-path", str(toy_runs["root"] / "data")]
+    run_dir = toy.main(toy.parse_args(common))
+    base = os.path.join("results", "001-toy-base", "checkpoints", "0000008.pt")
+    assert run_dir == os.path.join("results", "002-toy-finediffusion") and os.path.isfile(base)
+    checkpoint = read_checkpoint(os.path.join(run_dir, "checkpoints", "0000004.pt"))
+    assert checkpoint.base["path"] == os.path.abspath(base) and checkpoint.settings["lr"] == 1e-2
+    names = checkpoint.hierarchy["class_names"]
+    layout = tmp_path / "layout.png"
+    data.save_grid(np.zeros((len(names) * 18, 16, 16, 3), np.uint8), str(layout), cols=18, row_names=names,
+                   titles=["training images", "fine guidance, w=4", "no guidance"])
+    grid = Image.open(os.path.join(run_dir, "samples", "every-class.png"))
+    assert grid.size == Image.open(layout).size and Image.open(os.path.join(run_dir, "tsne.png")).size == (1400, 1000)
+    said = capsys.readouterr().out
+    assert f"samples  {run_dir}/samples/every-class.png" in said and f"t-SNE    {run_dir}/tsne.png" in said
+    with open(os.path.join("results", "001-toy-base", "log.txt")) as f:  # the cost, said once, early
+        assert re.search(r"on this CPU: [\d.]+ images/s over steps 2-\d; the \d steps to go take about \d+ s",
+                         f.read())
+
+    other = toy.main(toy.parse_args(common + ["--method", "bitfit"]))
+    assert sorted(os.listdir("results")) == ["000-something-else", "001-toy-base", "002-toy-finediffusion",
+                                             "003-toy-bitfit"]
+    assert "toy base: reusing" in capsys.readouterr().out
+    assert os.listdir(other) and not os.path.exists(os.path.join(other, "tsne.png"))  # no superclass rows to show
+    train.main(train.parse_args(["--resume", "toy-bitfit", "--max-steps", "5"]))  # by name: the newest such run
+    assert read_checkpoint(find_checkpoint("toy-bitfit")).step == 5 and len(os.listdir("results")) == 4
+    assert sample.main(sample.parse_args(["--ckpt", "toy-finediffusion", "--class", "disc_e", "--n", "2",
+                                          "--sampler", "dpm++"])) == os.path.abspath(os.path.join(run_dir, "samples", "00004-fine.png"))

@@ -49,24 +49,16 @@ def parse_args(argv=None):
     p.add_argument("--table", action="store_true", help="print Table 2 (parameters, throughput of --runs) instead")
     p.add_argument("--runs", nargs="*", default=[], help="train.py run folders whose metrics.jsonl --table reads")
     args = p.parse_args(argv)
-    unknown = {"--methods": set(methods(args)) - set(METHODS), "--samplers": set(samplers(args)) - set(SAMPLER_STEPS)}
-    for flag, names in unknown.items():
-        if names:
-            p.error(f"argument {flag}: unknown {sorted(names)}")
+    args.methods, args.samplers = ([n for n in names.split(",") if n] for names in (args.methods, args.samplers))
+    for flag, names, known in (("--methods", args.methods, METHODS), ("--samplers", args.samplers, SAMPLER_STEPS)):
+        if set(names) - set(known):
+            p.error(f"argument {flag}: unknown {sorted(set(names) - set(known))}")
     if args.sample_steps == 1:
         p.error("argument --sample-steps: DDPM takes at least 2 steps")
     multiple = SD_VAE.downsample_factor * DIT_CONFIGS[args.model]["patch_size"]  # whole latents, whole patches
     if args.image_size % multiple:
         p.error(f"argument --image-size: {args.model} in the SD VAE's latent space needs a multiple of {multiple}")
     return args
-
-
-def methods(args):
-    return [m for m in args.methods.split(",") if m]
-
-
-def samplers(args):
-    return [s for s in args.samplers.split(",") if s]
 
 
 def dit_config(args):
@@ -129,7 +121,7 @@ def train_step_worker(args, method, queue):
 def sampling_throughput(args, device):
     """Images/s of guided DDPM steps: the base DiT and every method's merged model run at the same speed."""
     results = {}
-    for method in tqdm(["base"] + [m for m in methods(args) if m != "full"], desc="guided sampling", leave=False):
+    for method in tqdm(["base"] + [m for m in args.methods if m != "full"], desc="guided sampling", leave=False):
         torch.manual_seed(0)
         model = (DiT(**dit_config(args)).to(device) if method == "base" else merge(build(args, method, device))).eval()
         z = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
@@ -152,7 +144,7 @@ def sampler_comparison(args, device):
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         timed(lambda: model(torch.cat([z, z]), torch.full((2 * len(z),), 500, device=device), labels.repeat(2)), 1,
               device)  # warm-up: kernels, allocator
-        for name in tqdm(samplers(args), desc="samplers", leave=False):
+        for name in tqdm(args.samplers, desc="samplers", leave=False):
             calls.clear()
             seconds = timed(lambda: sample(model, z, labels, sampler=name, progress=False), 1, device, warmup=0)
             results[name] = (len(calls), seconds)
@@ -161,7 +153,6 @@ def sampler_comparison(args, device):
 
 # -----------------------------------------------------------------------------------------------------------
 # Table 2: parameters per method, and what finished runs measured
-
 
 def training_throughput(runs):
     """{method: median images/s} over the logged steps of train.py runs (the median: start-up aside)."""
@@ -220,7 +211,7 @@ def main(argv=None):
           f"{name}, torch {torch.__version__}")
     context = multiprocessing.get_context("spawn")
     rows = {}
-    for method in methods(args):
+    for method in args.methods:
         queue = context.Queue()
         worker = context.Process(target=train_step_worker, args=(args, method, queue))
         worker.start()
@@ -249,7 +240,7 @@ def main(argv=None):
         print("| model | image-steps/s | vs base |\n|---|---:|---:|")
         for method, rate in results.items():
             print(f"| {method} | {rate:.1f} | {rate / results['base']:.2f}x |")
-    if samplers(args):
+    if args.samplers:
         results = sampler_comparison(args, device)
         first = next(iter(results.values()))
         print(f"\nsamplers (FineDiffusion, guidance scale 4, batch {args.batch_size}, at their usual step counts):")

@@ -135,10 +135,11 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
             raise FileNotFoundError(f"{path} holds only what {checkpoint.method} trained, on top of its base {base}, "
                                     f"which is not there (moved?): give the base's new path (sample.py --base; "
                                     f"train.py --resume with --ckpt), it is checked by its fingerprint")
-        model, identity = load_base(base, checkpoint.dit["input_size"], checkpoint.dit["num_heads"])
-        if identity["sha256"] != checkpoint.base["sha256"] or model.config != checkpoint.dit:
+        model, _ = load_model(base, input_size=checkpoint.dit["input_size"], num_heads=checkpoint.dit["num_heads"])
+        sha256 = fingerprint(model.state_dict())
+        if sha256 != checkpoint.base["sha256"] or model.config != checkpoint.dit:
             raise ValueError(f"{base} is not the base {path} was trained on (that was {checkpoint.base['path']}, "
-                             f"sha256 {checkpoint.base['sha256'][:16]}...; this one has {identity['sha256'][:16]}...)")
+                             f"sha256 {checkpoint.base['sha256'][:16]}...; this one has {sha256[:16]}...)")
     prepare(model, checkpoint.method, **checkpoint.options)
     tensors, expected = checkpoint.tensors(weights), set(trainable_state_dict(model))
     if set(tensors) != expected:
@@ -185,7 +186,6 @@ def restore_rng(states, rank, world_size, seed):
 
 # -----------------------------------------------------------------------------------------------------------
 # Run folders: the one place that knows their layout
-
 
 def create_run_folder(results_dir, name):
     """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive mkdir
@@ -258,7 +258,6 @@ def open_run(results_dir, name, resume=None):
 class RunLog:
     """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl;
     other ranks write nothing."""
-
     def __init__(self, run_dir, rank, echo=print):
         self.files = [open(os.path.join(run_dir, n), "a") for n in (LOG_FILE, METRICS_FILE)] if rank == 0 else None
         self.echo = echo

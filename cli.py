@@ -21,7 +21,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 class Parser(argparse.ArgumentParser):
     """argparse with the defaults in --help and a bad argument said in one line (exit code 2), once per torchrun."""
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
 
@@ -108,7 +107,6 @@ def duration(seconds):
 class StopRequest:
     """Within it, SIGTERM (a cluster scheduler taking the node back) and SIGINT (Ctrl-C) only set `signum`, so that a
     loop can finish its step, save and exit rather than die mid-step."""
-
     def __enter__(self):
         self.signum = None
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -17,7 +17,6 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------------------------------------
 # Noise schedule and timestep respacing
 
-
 def linear_betas(num_timesteps=1000):
     """beta_1..beta_T linear from 1e-4 to 0.02 for T = 1000 (Ho et al. Sec. 4), float64 as the official code."""
     scale = 1000 / num_timesteps  # the official rule for other T
@@ -55,7 +54,6 @@ def space_timesteps(num_timesteps, spacing):
 # -----------------------------------------------------------------------------------------------------------
 # Gaussians: KL divergence and the discretized decoder likelihood (Ho et al. Sec. 3.3)
 
-
 def mean_flat(x):
     """Mean over every dimension but the batch: (N, ...) -> (N,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -88,13 +86,11 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 # -----------------------------------------------------------------------------------------------------------
 # The diffusion process
 
-
 class Diffusion:
     """
     A DDPM with betas (T,) over kept timesteps; timestep_map[i] is the original timestep of step i, which is what
     the model sees. Schedule arrays stay float64 and are read per timestep as float32, as the official code.
     """
-
     def __init__(self, betas, timestep_map):
         self.betas = betas  # (T,) float64
         self.num_timesteps = len(betas)
@@ -179,7 +175,6 @@ def create_diffusion(timestep_respacing="", num_timesteps=1000):
 
 # -----------------------------------------------------------------------------------------------------------
 # Samplers: sampler(model, x_T, diffusion, model_kwargs, progress) -> x_0, one model call per kept step
-
 
 @torch.no_grad()
 def sample_ddpm(model, x, diffusion, model_kwargs=None, progress=True):
@@ -284,7 +279,6 @@ def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
 
 # -----------------------------------------------------------------------------------------------------------
 # Guided sampling: classifier-free guidance (Ho & Salimans 2022) and its fine-grained form, FineDiffusion Eq. 1
-
 
 def guided(model, labels, parents, scale=4.0, guided_channels=None):
     """

@@ -30,7 +30,6 @@ DIFFFIT_BLOCKS = 14  # DiffFit Table 4b: gammas in blocks 1..14 of DiT-XL/2's 28
 # their method (gamma, lora_A, ...), and every method learns the new classes' label rows (y_embedder.*). What a
 # method adds to the DiT is written out below the table.
 
-
 @dataclasses.dataclass(frozen=True)
 class Method:
     summary: str  # what trains
@@ -93,10 +92,8 @@ FIXED = ("pos_embed",)  # a fixed function of the grid: no method trains it
 # Linear layers with a method's extra parameters. Each keeps the pretrained `weight` and `bias` under their
 # own names and can fold its extras back into a plain nn.Linear.
 
-
 class AdaptedLinear(nn.Linear):
     """A pretrained nn.Linear (same weight and bias tensors, same keys) that a method extends."""
-
     def __init__(self, linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -113,7 +110,6 @@ class AdaptedLinear(nn.Linear):
 
 class ScaledLinear(AdaptedLinear):
     """DiffFit: y = gamma * (W x + b), gamma initialized to 1 (DiffFit Algorithm 1)."""
-
     def __init__(self, linear):
         super().__init__(linear)
         self.gamma = nn.Parameter(torch.ones_like(linear.bias))
@@ -127,7 +123,6 @@ class ScaledLinear(AdaptedLinear):
 
 class LoRALinear(AdaptedLinear):
     """LoRA: y = W x + b + B A x (alpha = r), B zero-initialized so training starts at the pretrained model."""
-
     def __init__(self, linear, rank):
         super().__init__(linear)
         self.lora_A = nn.Parameter(linear.weight.new_empty(rank, self.in_features))
@@ -147,7 +142,6 @@ class Affiner(AdaptedLinear):
     unit starting at 0 (the layer is unchanged), the scalar s starting at 0 and W_down, W_up Kaiming-normal.
     The ReLU branch is not linear, so merging folds a and b into W and b_hat and keeps the small branch.
     """
-
     def __init__(self, linear, rank):
         super().__init__(linear)
         self.affine_scale = nn.Parameter(torch.zeros_like(linear.bias))  # a
@@ -171,7 +165,6 @@ class Affiner(AdaptedLinear):
 
 # -----------------------------------------------------------------------------------------------------------
 # What each method adds to a DiT
-
 
 def add_norm_affine(model):
     """FineDiffusion: DiT's affine-free LayerNorms get a scale (1) and offset (0), the identity: outputs unchanged."""
@@ -281,7 +274,6 @@ def merge(model):
 
 # -----------------------------------------------------------------------------------------------------------
 # Parameter accounting
-
 
 def count_parameters(model):
     """(total, trainable); the total counts the fixed positional embedding, as the official code does."""

@@ -114,8 +114,9 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
         settings = checkpoint.data
         dataset, _ = load_dataset(settings["kind"], settings["path"], settings["image_size"], settings["split"])
         blank = np.full((settings["image_size"], settings["image_size"], 3), 255, dtype=np.uint8)  # too few: white
-        blocks.append(np.stack([dataset.read(j) if j is not None else blank for c in classes
-                                for j in (list(np.flatnonzero(dataset.labels == c)[:args.n]) + [None] * args.n)[:args.n]]))
+        first = [list(np.flatnonzero(dataset.labels == c)[:args.n]) for c in classes]
+        blocks.append(np.stack([dataset.read(j) if j is not None else blank for js in first
+                                for j in (js + [None] * args.n)[:args.n]]))
         titles.append("training images")
     for guidance in guidances:
         torch.manual_seed(args.seed)

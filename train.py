@@ -92,9 +92,9 @@ def check_args(args, world_size):
         args.resume = find_checkpoint(args.resume, args.results_dir)
         resume = read_checkpoint(args.resume)
         refused = [name for name in args.given if name not in RESUMABLE + ("resume",)]
-        if refused:
-            raise ValueError(f"--resume continues the run with its saved settings and cannot change "
-                             f"{', '.join(map(cli.flag, refused))}; it can change {', '.join(map(cli.flag, RESUMABLE))}")
+        cli.check(refused and f"--resume continues the run with its saved settings and cannot change "
+                              f"{', '.join(map(cli.flag, refused))}; it can change "
+                              f"{', '.join(map(cli.flag, RESUMABLE))}")
         settings = dict(vars(parse_args([])), **resume.settings)  # flags newer than the checkpoint: their defaults
         changed = {name: (settings[name], getattr(args, name)) for name in args.given
                    if name != "resume" and settings[name] != getattr(args, name)}
@@ -102,9 +102,8 @@ def check_args(args, world_size):
         args = argparse.Namespace(**settings)
         if run_folder(args.resume) and "results_dir" not in args.given:  # a branch goes beside the run it continues
             args.results_dir = os.path.dirname(run_folder(args.resume))
-        if args.max_steps <= resume.step:
-            raise ValueError(f"--max-steps {args.max_steps}: the checkpoint is at step {resume.step} already; give a "
-                             f"larger --max-steps to train on")
+        cli.check(args.max_steps <= resume.step and f"--max-steps {args.max_steps}: the checkpoint is at step "
+                                                     f"{resume.step} already; give a larger --max-steps to train on")
     foreign = [f"{cli.flag(option)} ({method})" for method, spec in METHODS.items() if method != args.method
                for option in spec.options if option in args.given]
     cli.check(
@@ -226,6 +225,41 @@ class Meter:
                  f"{self.args.max_steps - step:,} steps to go take about {cli.duration(seconds)}{hint}")
 
 
+def build_model(args, resume, hierarchy, vae):
+    """The model to train, checked against the data and the VAE before anything slow follows -> (model prepared for
+    --method, its base's architecture, the base's identity where the checkpoints will hold a delta, prepare()'s
+    options). A resume rebuilds its run's model: the base, prepared, with the tensors it trained."""
+    channels, input_size = (3, args.image_size) if vae is None else (vae.latent_channels,
+                                                                     args.image_size // vae.downsample_factor)
+    options = dict(class_to_superclass=hierarchy.class_to_superclass, p_parent=args.p_parent,
+                   num_superclasses=len(hierarchy.superclass_names),
+                   **{name: getattr(args, name) for name in METHODS[args.method].options})
+    fields = ("class_names", "superclass_names", "class_to_superclass")
+    if resume and any(resume.hierarchy[k] != getattr(hierarchy, k) for k in fields):  # the table's rows: its classes
+        raise ValueError(f"--resume: the data at {args.data_path} now has {len(hierarchy.class_names)} classes in "
+                         f"{len(hierarchy.superclass_names)} superclasses, where the run trained on "
+                         f"{len(resume.hierarchy['class_names'])} in {len(resume.hierarchy['superclass_names'])} (or "
+                         f"other names or order). Resume on the data as it was, or fine-tune anew from this "
+                         f"checkpoint (--ckpt {args.resume})")
+    if resume:
+        model, _ = load_model(args.resume, args.ckpt if "ckpt" in args.given else None, weights="raw", merged=False)
+        dit_config, base = resume.dit, resume.base
+    else:  # a pre-trained base, or a new DiT whose one label row prepare() replaces by the dataset's table
+        model, base = (load_base(args.ckpt, input_size, args.num_heads) if args.ckpt else
+                       (DiT(input_size=input_size, in_channels=channels, num_classes=1,
+                            **DIT_CONFIGS[args.model or "DiT-XL/2"]), None))
+        dit_config = model.config
+        cli.check(args.model and dit_name(dit_config) != args.model and f"--ckpt {args.ckpt} holds "
+                  f"{dit_name(dit_config) or 'a DiT of another shape'}, not --model {args.model}",
+                  args.ckpt and base_problem(model, args.method),
+                  model.in_channels != channels and f"--ckpt {args.ckpt} expects {model.in_channels} input channels, "
+                                                    f"but --vae {args.vae} gives {channels}",
+                  input_size % model.patch_size and f"--image-size {args.image_size}: the {input_size} px "
+                  f"{'latents' if vae else 'images'} do not split into the model's {model.patch_size} px patches")
+        prepare(model, args.method, **options)
+    return model, dit_config, base if METHODS[args.method].delta else None, options
+
+
 def main(args):
     """Train as `args` say -> (the model, its run folder)."""
     # processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is one process
@@ -244,36 +278,8 @@ def main(args):
     vae = None if args.vae == "none" else load_vae(args.vae, device)
     cli.check(vae is not None and args.image_size % vae.downsample_factor and f"--image-size {args.image_size} is "
               f"not a multiple of the VAE's {vae.downsample_factor}")
-    channels, input_size = (3, args.image_size) if vae is None else (vae.latent_channels,
-                                                                     args.image_size // vae.downsample_factor)
     dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, args.split, not args.no_hflip)
-    options = dict(class_to_superclass=hierarchy.class_to_superclass, p_parent=args.p_parent,
-                   num_superclasses=len(hierarchy.superclass_names),
-                   **{name: getattr(args, name) for name in METHODS[args.method].options})
-    fields = ("class_names", "superclass_names", "class_to_superclass")
-    if resume and any(resume.hierarchy[k] != getattr(hierarchy, k) for k in fields):  # the table's rows: its classes
-        raise ValueError(f"--resume: the data at {args.data_path} now has {len(hierarchy.class_names)} classes in "
-                         f"{len(hierarchy.superclass_names)} superclasses, where the run trained on "
-                         f"{len(resume.hierarchy['class_names'])} in {len(resume.hierarchy['superclass_names'])} (or "
-                         f"other names or order). Resume on the data as it was, or fine-tune anew from this "
-                         f"checkpoint (--ckpt {args.resume})")
-    if resume:  # the run's model: its base, prepared for the method, with the tensors it trained
-        model, _ = load_model(args.resume, args.ckpt if "ckpt" in args.given else None, weights="raw", merged=False)
-        dit_config, base = resume.dit, resume.base
-    else:  # a pre-trained base, or a new DiT whose one label row prepare() replaces by the dataset's table
-        model, base = (load_base(args.ckpt, input_size, args.num_heads) if args.ckpt else
-                       (DiT(input_size=input_size, in_channels=channels, num_classes=1,
-                            **DIT_CONFIGS[args.model or "DiT-XL/2"]), None))
-        dit_config = model.config
-        cli.check(args.model and dit_name(dit_config) != args.model and f"--ckpt {args.ckpt} holds "
-                  f"{dit_name(dit_config) or 'a DiT of another shape'}, not --model {args.model}",
-                  args.ckpt and base_problem(model, args.method),
-                  model.in_channels != channels and f"--ckpt {args.ckpt} expects {model.in_channels} input channels, "
-                                                    f"but --vae {args.vae} gives {channels}",
-                  input_size % model.patch_size and f"--image-size {args.image_size}: the {input_size} px "
-                  f"{'latents' if vae else 'images'} do not split into the model's {model.patch_size} px patches")
-        prepare(model, args.method, **options)
-    base = base if METHODS[args.method].delta else None
+    model, dit_config, base, options = build_model(args, resume, hierarchy, vae)
     if args.latent_cache and vae is not None:
         dataset = data.build_latent_cache(dataset, vae, args.latent_cache, rank, world_size,
                                           num_workers=args.num_workers)

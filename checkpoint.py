@@ -19,6 +19,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data import fingerprint, remove_stale_temporaries
 from model import LABEL_TABLE_KEY, DiT, dit_state_dict, load_dit, load_state_dict_file
@@ -37,40 +38,22 @@ WEIGHTS_HELP = ("which weights of a training checkpoint (ours, or official {mode
 
 @dataclasses.dataclass
 class Checkpoint:
-    """
-    A checkpoint of train.py. On disk: a dict of these fields and `format`, plain data and tensors only, so
-    torch.load(weights_only=True) reads it.
-        method     a key of peft.METHODS
-        options    peft.prepare()'s keyword arguments: class_to_superclass, num_superclasses, p_parent, its own
-        dit        the base's architecture, DiT(**dit) (model.DiT.config)
-        base       None when the file holds every trained tensor (full fine-tuning, training from scratch); else
-                   {path, sha256}: where the base checkpoint was and the fingerprint of its tensors
-        hierarchy  data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
-        vae        the VAE (a path) whose latent space the model works in, or None: pixel space
-        data       what it trained on: {kind, path, split, image_size, hflip (mirrored copies or not)}
-        model      {name: tensor} of every parameter the method trains
-        ema        the same names: their exponential moving average in float32, what sampling uses
-        step       optimizer steps taken
-      and what a resume needs (None in a checkpoint made for sampling only):
-        optimizer  the AdamW state dict
-        scaler     the fp16 GradScaler state dict
-        rng        every rank's RNG states: [{cpu, cuda}] in rank order
-        settings   train.py's flags, {name: value}
-    """
-    method: str
-    options: dict
-    dit: dict
-    base: dict
-    hierarchy: dict
-    vae: str
-    data: dict
-    model: dict
-    ema: dict
-    step: int
-    optimizer: dict = None
-    scaler: dict = None
-    rng: list = None
-    settings: dict = None
+    """A checkpoint of train.py. On disk: a dict of these fields and `format`, plain data and tensors only, so
+    torch.load(weights_only=True) reads it. The last four are what a resume needs (None in one made for sampling)."""
+    method: str  # a key of peft.METHODS
+    options: dict  # peft.prepare()'s keyword arguments: class_to_superclass, num_superclasses, p_parent, its own
+    dit: dict  # the base's architecture: DiT(**dit) (model.DiT.config)
+    base: dict  # {path, sha256}: the base checkpoint and its fingerprint; None where the file holds every tensor
+    hierarchy: dict  # data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
+    vae: str  # the VAE (a path) whose latent space the model works in; None: pixel space
+    data: dict  # what it trained on: {kind, path, split, image_size, hflip (mirrored copies or not)}
+    model: dict  # {name: tensor} of every parameter the method trains
+    ema: dict  # the same names: their exponential moving average in float32, what sampling uses
+    step: int  # optimizer steps taken
+    optimizer: dict = None  # the AdamW state dict
+    scaler: dict = None  # the fp16 GradScaler state dict
+    rng: list = None  # every rank's RNG states: [{cpu, cuda}] in rank order
+    settings: dict = None  # train.py's flags, {name: value}
 
     def tensors(self, weights="ema"):
         """The trained tensors to use: "ema", their moving average (what sampling uses by default), or "raw"."""
@@ -114,8 +97,7 @@ def load_base(path, input_size=None, num_heads=None):
     return model, dict(path=os.path.abspath(path), sha256=fingerprint(model.state_dict()))
 
 
-def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, weights="ema",
-               merged=True):
+def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, weights="ema", merged=True):
     """
     Any checkpoint file -> (model, Checkpoint or None). A train.py checkpoint is rebuilt: its base (from `base`, or
     the path it recorded, checked against its fingerprint; a fresh DiT(**dit) when the file holds every trained
@@ -258,13 +240,12 @@ def open_run(results_dir, name, resume=None):
 class RunLog:
     """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl;
     other ranks write nothing."""
-    def __init__(self, run_dir, rank, echo=print):
+    def __init__(self, run_dir, rank):
         self.files = [open(os.path.join(run_dir, n), "a") for n in (LOG_FILE, METRICS_FILE)] if rank == 0 else None
-        self.echo = echo
 
     def __call__(self, message, **metrics):
         if self.files:
-            self.echo(message)
+            tqdm.write(message)  # above a progress bar, if one runs
             for file, line in zip(self.files, (message, json.dumps(metrics) if metrics else None)):
                 if line is not None:
                     file.write(line + "\n")

@@ -121,8 +121,7 @@ class StopRequest:
 
 
 def is_rank_zero():
-    """Whether this process speaks for the run: under torchrun only rank 0 does (RANK is set before any process
-    group exists, so this holds while the arguments are parsed too)."""
+    """Whether this process speaks for the run: under torchrun only rank 0 (RANK is set before any process group)."""
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -4,8 +4,7 @@ Datasets with their label hierarchy (fine classes inside superclasses), the ADM 
 Layouts read (`load_dataset(kind, path, image_size, split)` -> (dataset, hierarchy)):
 
     inat    iNaturalist 2021 as distributed: path/train_mini/NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet/
-            *.jpg with path/train_mini.json (or train/, val/); without the JSON the 11 superclasses are derived from
-            the folder names' taxonomy
+            *.jpg with path/train_mini.json (or train/, val/); without the JSON, the folder names give the hierarchy
     vegfru  VegFru as released: path/veg200_images/<class>/v_SS_CC_NNNN.jpg, path/fru92_images/<class>/f_SS_CC_NNNN.jpg
             and path/vegfru_list/vegfru_{train,val,test}.txt (+ supvegfru_*.txt superclass ids where present)
     folder  any path/<superclass>/<class>/*.jpg tree
@@ -36,9 +35,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INAT_SOURCE = "get iNaturalist 2021 from https://github.com/visipedia/inat_comp/tree/master/2021"
 VEGFRU_SOURCE = "get VegFru from https://github.com/ustc-vim/vegfru"
+
 
 def read_json(path):
     """A JSON file a user gave; a file that does not parse is a ValueError that names it."""
@@ -52,7 +51,6 @@ def read_json(path):
 # -----------------------------------------------------------------------------------------------------------
 # The label hierarchy: fine class names, superclass names, the fine -> superclass map, and name lookup.
 # Stored in checkpoints as a dict of lists of str/int, so it loads with torch.load(weights_only=True).
-
 
 def name_key(name):
     """Names compare case-insensitively, with '_' as a space ('danaus_plexippus' finds 'Danaus plexippus')."""
@@ -75,9 +73,6 @@ class Hierarchy:
             raise ValueError(f"hierarchy: classes {bad[:5]} point at no superclass "
                              f"(valid: 0..{len(self.superclass_names) - 1})")
         self._index = None
-
-    def __repr__(self):
-        return f"Hierarchy({len(self.class_names)} classes in {len(self.superclass_names)} superclasses)"
 
     def to_dict(self):
         return dict(class_names=self.class_names, superclass_names=self.superclass_names,
@@ -132,8 +127,8 @@ class Hierarchy:
         raise ValueError(f"no class named {text!r}{hint}")
 
     def describe(self, i):
-        common = f" ({self.common_names[i]})" if self.common_names[i] else ""
-        return f"{i} {self.class_names[i]}{common}"
+        """Class i as messages name it: '412 Danaus plexippus (Monarch)'."""
+        return f"{i} {self.class_names[i]}" + (f" ({self.common_names[i]})" if self.common_names[i] else "")
 
     def listing(self, text=""):
         """Lines "id name (common name) [superclass]" of the classes whose names or superclass contain `text`."""
@@ -144,7 +139,6 @@ class Hierarchy:
 # -----------------------------------------------------------------------------------------------------------
 # The ADM centre crop (Dhariwal & Nichol 2021, guided-diffusion image_datasets.py; used by DiT's train.py) and
 # images to tensors in [-1, 1].
-
 
 def center_crop(image, size):
     """PIL image -> (size, size, 3) uint8: halve with a box filter while the short side >= 2 * size (cheap and
@@ -179,18 +173,17 @@ def save_grid(images, path, cols=None, row_names=None, titles=None):
     into len(titles) equal groups, each under its title, apart by a gap. A labelled grid enlarges images under
     48 px (nearest neighbour) so that they stand beside legible text."""
     n, h, w, _ = images.shape
-    labelled = bool(row_names or titles)
-    zoom = max(1, math.ceil(48 / h)) if labelled else 1
+    zoom = max(1, math.ceil(48 / h)) if row_names or titles else 1
     h, w = h * zoom, w * zoom
     cols = cols or math.ceil(math.sqrt(n))
     rows, groups, pad = math.ceil(n / cols), len(titles or [None]), 2
     font = ImageFont.load_default(size=max(12, min(24, h // 4)))
-    left = max((font.getlength(name) for name in row_names), default=0) + 4 * pad if row_names else 0
+    left = round(max((font.getlength(name) for name in row_names), default=0) + 4 * pad) if row_names else 0
     top = font.size + 4 * pad if titles else 0
     gap = w // 2 if groups > 1 else 0
-    corners = [(round(left) + pad + c * (w + pad) + c * groups // cols * gap, top + pad + r * (h + pad))
+    corners = [(left + pad + c * (w + pad) + c * groups // cols * gap, top + pad + r * (h + pad))
                for r, c in (divmod(i, cols) for i in range(n))]
-    canvas = Image.new("RGB", (round(left) + pad + cols * (w + pad) + (groups - 1) * gap, top + pad + rows * (h + pad)),
+    canvas = Image.new("RGB", (left + pad + cols * (w + pad) + (groups - 1) * gap, top + pad + rows * (h + pad)),
                        "white")
     draw = ImageDraw.Draw(canvas)
     for image, corner in zip(images, corners):
@@ -205,9 +198,8 @@ def save_grid(images, path, cols=None, row_names=None, titles=None):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The image dataset. Index i -> image i // 2, mirrored when i is odd: flips come from the index, not from a random
-# draw inside a worker. An unreadable image is reported once and replaced by the next readable one.
-
+# The image dataset, indexed as the module docstring says: flips come from the index, not from a random draw inside
+# a worker. An unreadable image is reported once and replaced by the next readable one.
 
 class ImageDataset(Dataset):
     def __init__(self, root, files, labels, image_size, hflip=True):
@@ -229,18 +221,28 @@ class ImageDataset(Dataset):
                 self.report(j, f"{image.size[0]}x{image.size[1]} px, upscaled more than 2x to {self.image_size}")
             return center_crop(image, self.image_size)
 
+    def read_batch(self, indices):
+        """Images `indices` (in a DataLoader worker, see read_images) -> (the indices of the readable ones, their
+        (H, W, 3) uint8 tensors, {index: why it could not be read} of the others)."""
+        good, pixels, bad = [], [], {}
+        for j in map(int, indices):
+            try:
+                pixels.append(torch.from_numpy(self.read(j).copy()))
+                good.append(j)
+            except Exception as e:
+                bad[j] = f"{type(e).__name__}: {e}"
+        return good, pixels, bad
+
     def __getitem__(self, i):
         j, flip = divmod(i, 2) if self.hflip else (i, 0)
-        for attempt in range(len(self.files)):
-            k = (j + attempt) % len(self.files)
+        for k in (j + np.arange(len(self.files))) % len(self.files):  # image j, else the next readable one
             try:
                 pixels = self.read(k)
-                break
             except Exception as e:  # a bad file must not end a run hours in
                 self.skip(k, f"{type(e).__name__}: {e}")
-        else:
-            raise RuntimeError(f"no image under {self.root} could be read: {self.skipped}")
-        return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
+            else:
+                return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
+        raise RuntimeError(f"no image under {self.root} could be read: {self.skipped}")
 
     def skip(self, j, reason):
         """Image j cannot be read: recorded in self.skipped (of this process) and reported."""
@@ -259,7 +261,7 @@ class ImageDataset(Dataset):
 
 
 def list_images(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp", ".bmp")))
 
 
 def subfolders(folder):
@@ -270,56 +272,47 @@ def subfolders(folder):
 # The generic layout root/<superclass>/<class>/*.jpg. Class ids follow sorted superclasses, then sorted classes
 # within each (the order evaluate.py reads reference folders in).
 
-
 def load_folder(root, image_size, hflip=True):
     """A class folder without images, and so a superclass without classes, is left out, with one warning line: a
     class that cannot be learned would otherwise be sampled as if it had been."""
-    names, superclass_of, files, labels, superclass_names, empty = [], [], [], [], [], []
-    for superclass in subfolders(root):
-        for name in subfolders(os.path.join(root, superclass)):
-            images = list_images(os.path.join(root, superclass, name))
-            if not images:
-                empty.append(os.path.join(superclass, name))
-                continue
-            if superclass not in superclass_names:
-                superclass_names.append(superclass)
-            files += [os.path.join(superclass, name, f) for f in images]
-            labels += [len(names)] * len(images)
-            names.append(name)
-            superclass_of.append(len(superclass_names) - 1)
-    if not files:
+    found = [(superclass, name, list_images(os.path.join(root, superclass, name)))
+             for superclass in subfolders(root) for name in subfolders(os.path.join(root, superclass))]
+    classes = [(superclass, name, images) for superclass, name, images in found if images]
+    if not classes:
         raise FileNotFoundError(f"no images in {root}: expected the layout {root}/<superclass>/<class>/*.jpg")
+    superclass_names = list(dict.fromkeys(superclass for superclass, _, _ in classes))  # sorted, as subfolders
+    empty = [os.path.join(superclass, name) for superclass, name, images in found if not images]
     dropped = sorted(set(subfolders(root)) - set(superclass_names))
     if empty or dropped:
         print(f"data: left out {len(empty)} class folders without images ({', '.join(empty[:5])}) and "
               f"{len(dropped)} superclasses without classes ({', '.join(dropped[:5])}) of {root}", file=sys.stderr)
-    return ImageDataset(root, files, labels, image_size, hflip), Hierarchy(names, superclass_names, superclass_of)
+    files = [os.path.join(superclass, name, f) for superclass, name, images in classes for f in images]
+    labels = [label for label, (_, _, images) in enumerate(classes) for _ in images]
+    hierarchy = Hierarchy([name for _, name, _ in classes], superclass_names,
+                          [superclass_names.index(superclass) for superclass, _, _ in classes])
+    return ImageDataset(root, files, labels, image_size, hflip), hierarchy
 
 
 # -----------------------------------------------------------------------------------------------------------
 # iNaturalist 2021. The JSON (COCO-style: images, annotations, categories with name, common_name, supercategory,
-# kingdom..specific_epithet, image_dir_name) is authoritative; without it, classes come from the folder names
-# NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet and the 11 superclasses from their taxonomy.
+# kingdom..specific_epithet, image_dir_name) is authoritative; without it, the folder names' taxonomy gives both.
 
 INAT_SUPERCLASS_OF_CLASS = {"Insecta": "Insects", "Aves": "Birds", "Reptilia": "Reptiles", "Mammalia": "Mammals",
                             "Actinopterygii": "Ray-finned Fishes", "Amphibia": "Amphibians", "Arachnida": "Arachnids"}
 
 
-def inat_superclass(kingdom, phylum, taxon_class):
-    """iNat 2021's supercategory from the taxonomy: Plants, Fungi, Mollusks, seven animal classes, else Animalia."""
-    if kingdom in ("Plantae", "Fungi"):
-        return "Plants" if kingdom == "Plantae" else "Fungi"
-    if kingdom == "Animalia":
-        return "Mollusks" if phylum == "Mollusca" else INAT_SUPERCLASS_OF_CLASS.get(taxon_class, "Animalia")
-    return kingdom  # not in iNat 2021; kept visible rather than folded into another superclass
-
-
-def parse_inat_dir(name):
-    """'00412_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus' -> (412, taxonomy) or None."""
-    parts = name.split("_", 7)
+def inat_category(dir_name):
+    """'00412_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus' -> its category as the JSON has
+    it (id, name, supercategory from the taxonomy, image_dir_name), or None for a name of another form."""
+    parts = dir_name.split("_", 7)
     if len(parts) != 8 or not parts[0].isdigit():
         return None
-    return int(parts[0]), dict(zip(("kingdom", "phylum", "class", "order", "family", "genus", "epithet"), parts[1:]))
+    number, kingdom, phylum, taxon_class, _, _, genus, epithet = parts
+    if kingdom == "Animalia":
+        superclass = "Mollusks" if phylum == "Mollusca" else INAT_SUPERCLASS_OF_CLASS.get(taxon_class, "Animalia")
+    else:  # Plants, Fungi; a kingdom not in iNat 2021 is kept visible rather than folded into another superclass
+        superclass = {"Plantae": "Plants"}.get(kingdom, kingdom)
+    return dict(id=int(number), name=f"{genus} {epithet}", supercategory=superclass, image_dir_name=dir_name)
 
 
 def inat_hierarchy(categories):
@@ -334,71 +327,48 @@ def inat_hierarchy(categories):
                      [c.get("common_name", "") for c in categories])
 
 
-def inat_hierarchy_from_dirs(dir_names):
-    """Hierarchy from class folder names alone (sorted by their number): 'Genus epithet', derived superclasses."""
-    parsed = sorted((parse_inat_dir(d) for d in dir_names), key=lambda p: p[0])
-    derived = [inat_superclass(t["kingdom"], t["phylum"], t["class"]) for _, t in parsed]
-    superclass_names = sorted(set(derived))
-    return Hierarchy([f"{t['genus']} {t['epithet']}" for _, t in parsed], superclass_names,
-                     [superclass_names.index(s) for s in derived])
-
-
 def load_inat(root, split, image_size, hflip=True):
+    """root/split/ and root/split.json (either may be missing) -> (ImageDataset, Hierarchy)."""
     folder, json_path = os.path.join(root, split), os.path.join(root, f"{split}.json")
     if not os.path.isdir(folder) and not os.path.isfile(json_path):
         raise FileNotFoundError(f"no iNat split {split!r} in {root}: expected {folder}/ (class folders NNNNN_Kingdom_"
                                 f"Phylum_Class_Order_Family_Genus_epithet) and {json_path}; {INAT_SOURCE}")
     on_disk = subfolders(folder) if os.path.isdir(folder) else None
-    if not os.path.isfile(json_path):  # folders only
-        bad = [d for d in on_disk if parse_inat_dir(d) is None]
+    if not os.path.isfile(json_path):  # folders only: the categories their names give
+        bad = [d for d in on_disk if inat_category(d) is None]
         if bad or not on_disk:
             raise ValueError(f"{folder}: class folders must be named NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_"
                              f"epithet, found {bad[:3] or 'none'}; {INAT_SOURCE}")
-        on_disk.sort(key=lambda d: parse_inat_dir(d)[0])
-        files, labels = [], []
-        for label, d in enumerate(on_disk):
-            images = list_images(os.path.join(folder, d))
-            files += [os.path.join(split, d, f) for f in images]
-            labels += [label] * len(images)
-        return ImageDataset(root, files, labels, image_size, hflip), inat_hierarchy_from_dirs(on_disk)
+        categories = sorted(map(inat_category, on_disk), key=lambda c: c["id"])
+        images = [(os.path.join(split, c["image_dir_name"], f), label) for label, c in enumerate(categories)
+                  for f in list_images(os.path.join(folder, c["image_dir_name"]))]  # (file, label)
+        dataset = ImageDataset(root, [f for f, _ in images], [label for _, label in images], image_size, hflip)
+        return dataset, inat_hierarchy(categories)
 
-    with open(json_path) as f:
-        meta = json.load(f)
+    meta = read_json(json_path)
     if "annotations" not in meta:
         raise ValueError(f"{json_path} has no annotations (iNat's test split is unlabelled): "
-                         f"use train_mini, train or val")
-    hierarchy = inat_hierarchy(meta["categories"])
+                         "use train_mini, train or val")
     categories = sorted(meta["categories"], key=lambda c: c["id"])
+    hierarchy = inat_hierarchy(categories)
     dir_names = [c.get("image_dir_name", "") for c in categories]
     if on_disk is not None and set(on_disk) != set(dir_names):
         extra, absent = sorted(set(on_disk) - set(dir_names)), sorted(set(dir_names) - set(on_disk))
         raise ValueError(f"{folder} and {json_path} disagree: {len(extra)} folders are not in the JSON (e.g. "
                          f"{extra[:2]}), {len(absent)} JSON classes have no folder (e.g. {absent[:2]}); "
                          f"use files of one release")
-    check_inat_superclasses(hierarchy, dir_names, json_path)
+    derived = [inat_category(d) for d in dir_names]  # the supercategories the folder names give: the JSON wins
+    mismatches = [f"{d}: JSON {c['supercategory']!r}, folder taxonomy {t['supercategory']!r}"
+                  for d, c, t in zip(dir_names, categories, derived) if t and t["supercategory"] != c["supercategory"]]
+    if mismatches:
+        warnings.warn(f"{len(mismatches)} classes in {json_path} have a supercategory that differs from the one "
+                      f"derived from their folder names (using the JSON's): " + "; ".join(mismatches[:5]))
     label_of_category = {c["id"]: i for i, c in enumerate(categories)}
     category_of_image = {a["image_id"]: a["category_id"] for a in meta["annotations"]}
     files = [im["file_name"] for im in meta["images"]]
     prefix = "" if files and files[0].startswith(split + "/") else split  # file_name is 'train_mini/<dir>/<id>.jpg'
     labels = [label_of_category[category_of_image[im["id"]]] for im in meta["images"]]
     return ImageDataset(root, [os.path.join(prefix, f) for f in files], labels, image_size, hflip), hierarchy
-
-
-def check_inat_superclasses(hierarchy, dir_names, json_path):
-    """Warn where the JSON's supercategory differs from the one the folder name's taxonomy gives (the JSON wins)."""
-    mismatches = []
-    for i, d in enumerate(dir_names):
-        parsed = parse_inat_dir(d)
-        if parsed is None:
-            continue
-        t = parsed[1]
-        derived = inat_superclass(t["kingdom"], t["phylum"], t["class"])
-        given = hierarchy.superclass_names[hierarchy.class_to_superclass[i]]
-        if derived != given:
-            mismatches.append(f"{d}: JSON {given!r}, folder taxonomy {derived!r}")
-    if mismatches:
-        warnings.warn(f"{len(mismatches)} classes in {json_path} have a supercategory that differs from the one "
-                      f"derived from their folder names (using the JSON's): " + "; ".join(mismatches[:5]))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -410,11 +380,13 @@ VEGFRU_FILE = re.compile(r"([vf])_(\d+)_\d+_\d+\.\w+$")
 
 
 def read_list(path):
+    """A VegFru list, lines '<image path> <id>' -> [(image path, id)]."""
     with open(path) as f:
         return [(p, int(label)) for p, label in (line.split() for line in f if line.strip())]
 
 
 def load_vegfru(root, split, image_size, hflip=True):
+    """VegFru's split train, val, test or trainval -> (ImageDataset, Hierarchy)."""
     lists = os.path.join(root, "vegfru_list")
     parts = ["train", "val"] if split == "trainval" else [split]
     paths = [os.path.join(lists, f"vegfru_{p}.txt") for p in parts]
@@ -432,32 +404,30 @@ def load_vegfru(root, split, image_size, hflip=True):
         for path, label in entries:
             name, match = path.split("/")[1], VEGFRU_FILE.search(path)
             group = f"{'veg' if match.group(1) == 'v' else 'fru'}_{match.group(2)}" if match else None
-            tables = [(class_of_label, name), (group_of_label, group)]
-            if sup_of_path:
-                tables.append((sup_of_label, sup_of_path.get(path)))
-            for table, value in tables:
+            sup = [(sup_of_label, sup_of_path.get(path))] if sup_of_path else []
+            for table, value in [(class_of_label, name), (group_of_label, group)] + sup:
                 if table.setdefault(label, value) != value:
                     raise ValueError(f"{lists}: label {label} appears with {table[label]!r} and {value!r} ({path})")
     num_classes = len(class_of_label)
     if sorted(class_of_label) != list(range(num_classes)):
         raise ValueError(f"{lists}: labels must be 0..{num_classes - 1}")
-    if any(g is None for g in group_of_label.values()) and not sup_lists:
+    groups = [group_of_label[i] for i in range(num_classes)]  # 'veg_01', 'fru_02', ..., None for another file name
+    if None in groups and not sup_lists:
         raise ValueError(f"{lists}: no supvegfru_*.txt and file names not like v_SS_CC_NNNN.jpg: no superclasses")
     if sup_lists:  # superclass ids from the lists, named by the file-name code they carry
         superclass_of = [sup_of_label[i] for i in range(num_classes)]
-        codes = {}
-        for i, s in enumerate(superclass_of):
-            codes.setdefault(s, set()).add(group_of_label[i])
-        if sorted(codes) != list(range(len(codes))):
-            raise ValueError(f"{lists}: supvegfru_*.txt superclass ids must be 0..{len(codes) - 1}")
-        names = [codes[s].pop() if len(codes[s]) == 1 else None for s in range(len(codes))]
-        if all(group_of_label.values()) and (None in names or len(set(names)) != len(names)):
+        ids = sorted(set(superclass_of))
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{lists}: supvegfru_*.txt superclass ids must be 0..{len(ids) - 1}")
+        codes = [{g for g, t in zip(groups, superclass_of) if t == s} for s in ids]
+        names = [c.pop() if len(c) == 1 else None for c in codes]
+        if None not in groups and (None in names or len(set(names)) != len(names)):
             raise ValueError(f"{lists}: the superclass ids of supvegfru_*.txt do not match the file names' "
                              f"v_SS/f_SS codes one to one")
         superclass_names = [name or f"superclass {s}" for s, name in enumerate(names)]
     else:  # from the file names: vegetable groups, then fruit groups
-        superclass_names = sorted(set(group_of_label.values()), key=lambda g: (g[:3] != "veg", g))
-        superclass_of = [superclass_names.index(group_of_label[i]) for i in range(num_classes)]
+        superclass_names = sorted(set(groups), key=lambda g: (g[:3] != "veg", g))
+        superclass_of = [superclass_names.index(g) for g in groups]
     hierarchy = Hierarchy([class_of_label[i] for i in range(num_classes)], superclass_names, superclass_of)
     entries = [e for p in parts for e in all_lists[p]]
     return ImageDataset(root, [p for p, _ in entries], [label for _, label in entries], image_size, hflip), hierarchy
@@ -501,14 +471,11 @@ def draw_toy_image(superclass, variant, rng, size):
     (cx, cy), r = S * (0.5 + rng.uniform(-0.08, 0.08, 2)), S * rng.uniform(0.24, 0.3)
     mask = Image.new("L", (S, S))
     draw = ImageDraw.Draw(mask)
-    if shape == "disc":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=255)
-    else:
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    outline, points = {"disc": (draw.ellipse, box), "square": (draw.rectangle, box),
+                       "triangle": (draw.polygon, [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]),
+                       "diamond": (draw.polygon, [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)])}[shape]
+    outline(points, fill=255)
     color = np.array(colorsys.hsv_to_rgb((hue + hue_shift) % 1, 0.8, rng.uniform(0.8, 0.95))) * 255
     layer = Image.new("RGB", (S, S), tuple(int(c) for c in color))
     band = 2 * r / (2 * stripes + 1)
@@ -533,13 +500,10 @@ def remove_stale_temporaries(pattern):
 
 
 def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
-    """
-    The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version>, holding source/ and
-    target/. Made once, side by side with those of other settings, and never deleted: it is drawn into a
-    temporary folder of this process and renamed into place when complete, so a kill mid-way leaves nothing a later
-    run would read (the temporary is removed by the next generation), and two processes generating at once both
-    end up reading the one that was renamed first.
-    """
+    """The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version> (source/, target/),
+    made once beside those of other settings and never deleted. Drawn into a temporary folder of this process and
+    renamed into place when complete: a kill mid-way leaves nothing a later run would read (the next generation
+    removes the temporary), and of two processes generating at once both read the one renamed first."""
     folder = os.path.join(root, f"{image_size}px-seed{seed}-n{images_per_class}-v{TOY_VERSION}")
     if os.path.isdir(folder):
         return folder
@@ -563,20 +527,11 @@ def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
 # -----------------------------------------------------------------------------------------------------------
 # The entry point the training script calls.
 
-DEFAULT_SPLITS = dict(inat="train_mini", vegfru="train", toy="source")
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def data_path_problem(kind, path):
     """Why `path` cannot hold a dataset of `kind`, or None: what can be told before any slow work."""
-    if kind == "toy":  # generated into path (default cache/toy)
-        if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            return f"the toy data path {path!r} is a file; the toy set is generated into a folder (made if missing)"
-        return None
-    if path is None or not os.path.isdir(path):
+    if kind == "toy" and path is not None and os.path.exists(path) and not os.path.isdir(path):  # (generated there)
+        return f"the toy data path {path!r} is a file; the toy set is generated into a folder (made if missing)"
+    if kind != "toy" and (path is None or not os.path.isdir(path)):
         where = f"no {kind} data path given" if path is None else f"the {kind} data path {path!r} is not a folder"
         return f"{where}; " + dict(
             inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
@@ -588,37 +543,33 @@ def data_path_problem(kind, path):
 def load_dataset(kind, path, image_size, split=None, hflip=True):
     """kind in inat/vegfru/folder/toy -> (ImageDataset, Hierarchy). toy: path is where to generate it
     (default cache/toy), split source/target; folder: split, when given, is a subfolder of path."""
-    split = split or DEFAULT_SPLITS.get(kind)
+    split = split or dict(inat="train_mini", vegfru="train", toy="source").get(kind)
     if problem := data_path_problem(kind, path):
         raise FileNotFoundError(problem)
     if kind == "toy":
         path = path or os.path.join("cache", "toy")
         if split not in TOY_SPLITS:
             raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
-        if not distributed() or dist.get_rank() == 0:
-            make_toy_dataset(path, image_size=image_size)
-        if distributed():  # the other ranks wait for rank 0's files
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_rank() == 0:  # rank 0 draws the set; the other ranks wait for its files
+                make_toy_dataset(path, image_size=image_size)
             dist.barrier()
-        folder = make_toy_dataset(path, image_size=image_size)  # made by now: this only finds it
+        folder = make_toy_dataset(path, image_size=image_size)  # draws the set, or finds rank 0's
         return load_folder(os.path.join(folder, split), image_size, hflip)
-    if kind == "inat":
-        return load_inat(path, split, image_size, hflip)
-    if kind == "vegfru":
-        return load_vegfru(path, split, image_size, hflip)
     if kind == "folder":
         return load_folder(os.path.join(path, split) if split else path, image_size, hflip)
-    raise ValueError(f"unknown dataset kind {kind!r}: choose from inat, vegfru, folder, toy")
+    if kind not in ("inat", "vegfru"):
+        raise ValueError(f"unknown dataset kind {kind!r}: choose from inat, vegfru, folder, toy")
+    return (load_inat if kind == "inat" else load_vegfru)(path, split, image_size, hflip)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The latent cache. cache_dir/latents.npy (memory-mapped) holds, for every dataset index (both mirrors of each
-# image), the VAE posterior's moments ALREADY MULTIPLIED BY vae.scaling_factor: (len, 2, C, h, w) = (mean, std),
-# so z = mean + std * randn is directly what the diffusion model sees. float16 by default (half the disk: about
-# 16 GB for iNat mini at 256 px; a relative rounding of 5e-4, far below the posterior's own noise). labels.npy
-# holds the labels and meta.json what the cache was built from; a cache that no longer matches is refused.
-# Several ranks: rank 0 preallocates the file, every rank encodes images rank, rank + W, ... into their rows,
-# rank 0 writes meta.json last ("complete"). Unreadable images are skipped: their rows are left out and listed.
-
+# The latent cache. cache_dir/latents.npy (len, 2, C, h, w): for every dataset index, the VAE posterior's (mean, std)
+# ALREADY MULTIPLIED BY vae.scaling_factor, so z = mean + std * randn is directly what the diffusion model sees;
+# float16 by default (half the disk: about 16 GB for iNat mini at 256 px; a relative rounding of 5e-4, far below the
+# posterior's own noise). labels.npy holds the labels; meta.json what the cache was built from (a cache that no longer
+# matches is refused) and the unreadable images, skipped: their rows are left out. Several ranks: rank 0 preallocates
+# the files, every rank encodes images rank, rank + W, ... into their rows, rank 0 writes meta.json last ("complete").
 
 def fingerprint(tensors):
     """The one fingerprint of this project (a base model, a VAE, a dataset's files): the sha256 of every tensor or
@@ -629,46 +580,22 @@ def fingerprint(tensors):
             tensor = tensor.detach().cpu().contiguous()
             data = tensor.reshape(-1).view(torch.uint8).numpy()
         else:
-            tensor = data = np.ascontiguousarray(tensor)
-            data = data.reshape(-1).view(np.uint8)
+            tensor = data = np.ascontiguousarray(tensor)  # hashed through the buffer protocol: its raw bytes
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
         digest.update(data)
     return digest.hexdigest()
-
-
-class _ImageOrError(Dataset):
-    """Image j of a dataset -> (j, (H, W, 3) uint8 tensor, '') or (j, None, why it could not be read)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        j = int(self.indices[k])
-        try:
-            return j, torch.from_numpy(self.dataset.read(j).copy()), ""
-        except Exception as e:
-            return j, None, f"{type(e).__name__}: {e}"
-
-
-def _as_list(batch):
-    return batch
 
 
 def read_images(dataset, indices=None, batch_size=64, num_workers=4, rank=0):
     """Decode images (all, or `indices`) in DataLoader workers. Yields (indices (B,), pixels (B, H, W, 3) uint8)
     of the readable ones; the others go to dataset.skipped (file -> reason)."""
     indices = np.arange(len(dataset.files)) if indices is None else indices
-    loader = DataLoader(_ImageOrError(dataset, indices), batch_size, num_workers=num_workers, collate_fn=_as_list)
-    for batch in tqdm(loader, desc="reading images", disable=rank != 0, dynamic_ncols=True):
-        for j, pixels, reason in batch:
-            if pixels is None:
-                dataset.skip(j, reason)
-        good = [(j, pixels) for j, pixels, _ in batch if pixels is not None]
+    loader = DataLoader(indices, batch_size, num_workers=num_workers, collate_fn=dataset.read_batch)
+    for good, pixels, bad in tqdm(loader, desc="reading images", disable=rank != 0, dynamic_ncols=True):
+        for j, reason in bad.items():
+            dataset.skip(j, reason)
         if good:
-            yield np.array([j for j, _ in good]), torch.stack([p for _, p in good])
+            yield np.array(good), torch.stack(pixels)
 
 
 def cache_folder_problem(cache_dir):
@@ -681,31 +608,28 @@ def cache_folder_problem(cache_dir):
     return None
 
 
-def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size=32, num_workers=4,
-                       dtype="float16"):
+@torch.no_grad()
+def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size=32, num_workers=4, dtype="float16"):
     """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache -> LatentDataset.
     Every rank calls this (torch.distributed initialized when world_size > 1)."""
     meta_path, latents_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "latents.npy")
     wanted = dict(format=2, files=fingerprint(dict(files=dataset.files, labels=dataset.labels)),
                   num_images=len(dataset.files), image_size=dataset.image_size, hflip=dataset.hflip,
-                  vae=fingerprint(vae.state_dict()), scaling_factor=float(vae.scaling_factor), dtype=np.dtype(dtype).name)
-    state = None  # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
-    if rank == 0:
-        state = cache_folder_problem(cache_dir) or "build"
-        if state == "build" and os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                found = json.load(f)
-            differs = [k for k in wanted if found.get(k) != wanted[k]]
-            if found.get("complete") and differs:
-                state = (f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)} "
-                         f"({', '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differs)}). "
-                         f"Delete {cache_dir} to rebuild it, or give another cache folder.")
-            elif found.get("complete"):
-                state = "ready"
+                  vae=fingerprint(vae.state_dict()), scaling_factor=float(vae.scaling_factor),
+                  dtype=np.dtype(dtype).name)
+    # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
+    state = (cache_folder_problem(cache_dir) or "build") if rank == 0 else None
+    if state == "build" and os.path.isfile(meta_path):
+        found = read_json(meta_path)
+        differs = [k for k in wanted if found.get(k) != wanted[k]]
+        if found.get("complete"):  # (an interrupted build is built again)
+            state = "ready" if not differs else (
+                f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)} "
+                f"({', '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differs)}). "
+                f"Delete {cache_dir} to rebuild it, or give another cache folder.")
     if world_size > 1:
-        state = [state]
-        dist.broadcast_object_list(state)
-        state = state[0]
+        dist.broadcast_object_list(box := [state])
+        state = box[0]
     if state not in ("ready", "build"):
         raise ValueError(state)
     if state == "ready":
@@ -715,9 +639,8 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     flips = 2 if dataset.hflip else 1
     if rank == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        with torch.no_grad():
-            latent_shape = tuple(vae.encode(torch.zeros(1, 3, dataset.image_size, dataset.image_size,
-                                                        device=device)).mean.shape[1:])
+        size = dataset.image_size
+        latent_shape = tuple(vae.encode(torch.zeros(1, 3, size, size, device=device)).mean.shape[1:])  # (C, h, w)
         with open(meta_path, "w") as f:
             json.dump(dict(wanted, complete=False), f)
         np.lib.format.open_memmap(latents_path, mode="w+", dtype=dtype, shape=(len(dataset), 2) + latent_shape).flush()
@@ -731,16 +654,14 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
         x = to_tensor(pixels)  # (B, 3, H, W)
         if flips == 2:  # rows 2j, 2j + 1: image j, then mirrored, as the dataset indexes them
             x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-        with torch.no_grad():
-            posterior = vae.encode(x.to(device))
-            moments = torch.stack([posterior.mean, posterior.std], dim=1) * vae.scaling_factor  # (B*flips, 2, C, h, w)
+        posterior = vae.encode(x.to(device))
+        moments = torch.stack([posterior.mean, posterior.std], dim=1) * vae.scaling_factor  # (B*flips, 2, C, h, w)
         rows = (images[:, None] * flips + np.arange(flips)).reshape(-1)
         latents[rows] = moments.float().cpu().numpy().astype(dtype)
     latents.flush()
     del latents
-    skipped = [dataset.skipped]
+    skipped = [dataset.skipped] * world_size  # {file: why} of each rank
     if world_size > 1:
-        skipped = [None] * world_size
         dist.all_gather_object(skipped, dataset.skipped)
     if rank == 0:
         index_of = {str(f): j for j, f in enumerate(dataset.files)}
@@ -761,11 +682,10 @@ class LatentDataset(Dataset):
     cache written by build_latent_cache; sample the posterior with z = mean + std * torch.randn_like(std)."""
 
     def __init__(self, cache_dir):
-        with open(os.path.join(cache_dir, "meta.json")) as f:
-            self.meta = json.load(f)
+        self.meta = read_json(os.path.join(cache_dir, "meta.json"))
         if not self.meta.get("complete"):
             raise ValueError(f"latent cache {cache_dir} is incomplete (its build was interrupted): "
-                             f"delete it and rebuild")
+                             "delete it and rebuild")
         self.path = os.path.join(cache_dir, "latents.npy")
         self.latent_shape = tuple(np.load(self.path, mmap_mode="r").shape[2:])  # (C, h, w) the model sees
         self.labels = np.load(os.path.join(cache_dir, "labels.npy"))

@@ -281,12 +281,10 @@ def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
 # Guided sampling: classifier-free guidance (Ho & Salimans 2022) and its fine-grained form, FineDiffusion Eq. 1
 
 def guided(model, labels, parents, scale=4.0, guided_channels=None):
-    """
-    `model(x, t, y)` guided towards `labels` (N,) and away from the label rows `parents` (N,), as the callable a
+    """`model(x, t, y)` guided towards `labels` (N,) and away from the label rows `parents` (N,), as the callable a
     sampler runs on the doubled batch [z, z] (labels [c, parent]); both halves get Eq. 1's eps on every eps channel,
     or on the first `guided_channels` only (3: the official DiT code's quirk), and keep their own variance channels.
-    Doubling the batch as the official samplers do makes a seed draw the same per-step noise as theirs.
-    """
+    Doubling the batch as the official samplers do makes a seed draw the same per-step noise as theirs."""
     y = torch.cat([labels, parents])
 
     def model_fn(x, t):
@@ -306,13 +304,10 @@ def default_guidance(model):
     return "fine" if model.y_embedder.num_superclasses else "cfg"
 
 
-def sample(model, z, labels, guidance=None, scale=4.0, sampler="ddpm", steps=None, guided_channels=None,
-           progress=True):
-    """
-    Noise z (N, C, H, W) -> x_0 (N, C, H, W) of the classes `labels` (N,) by `sampler` (run_sampler), guided:
+def sample(model, z, labels, guidance=None, scale=4.0, sampler="ddpm", steps=None, guided_channels=None, progress=True):
+    """Noise z (N, C, H, W) -> x_0 (N, C, H, W) of the classes `labels` (N,) by `sampler` (run_sampler), guided:
     "fine" away from each class's superclass row (FineDiffusion Eq. 1), "cfg" away from the null row (classifier-free
-    guidance), "none" not at all; None: default_guidance(model). The rows come from the DiT's label table.
-    """
+    guidance), "none" not at all; None: default_guidance(model). The rows come from the DiT's label table."""
     guidance = guidance or default_guidance(model)
     if guidance == "none":
         return run_sampler(sampler, lambda x, t: model(x, t, labels), z, steps, progress=progress)

@@ -34,7 +34,7 @@ import cli
 from checkpoint import WEIGHTS_HELP, find_checkpoint, read_label_table, run_folder
 from cli import NON_NEGATIVE, POSITIVE, WORKERS, new_file, number
 from data import load_dataset, read_images, read_json, to_tensor, toy_superclass_color
-from model import check_state_dict, load_state_dict_file
+from model import load_checked, load_state_dict_file
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
@@ -45,14 +45,11 @@ LPIPS_SOURCE = ("LPIPS v0.1 (alex) is two files: the linear heads `lpips/weights
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The FID Inception network: Inception-v3 (Szegedy et al., 2016) as in the TensorFlow graph FID was defined
-# with. pytorch-fid's FIDInceptionA/C/E_1 average-pool without counting the padding and FIDInceptionE_2 max-pools
-# in its pool branch; 1008 logits (unused here) sit in the weights file, so they are built to load it strictly.
-
+# The FID Inception network: Inception-v3 (Szegedy et al., 2016) as in the TensorFlow graph FID was defined with,
+# i.e. pytorch-fid's: its FIDInceptionA/C/E_1 average-pool without counting the padding, FIDInceptionE_2 max-pools.
 
 class ConvBN(nn.Module):
     """conv (no bias) -> BatchNorm (eps 1e-3, the TensorFlow value) -> ReLU."""
-
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
@@ -68,7 +65,6 @@ def avg_pool_3x3(x):
 
 class InceptionA(nn.Module):
     """35x35 block (Mixed_5b..5d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
     def __init__(self, in_channels, pool_features):
         super().__init__()
         self.branch1x1 = ConvBN(in_channels, 64, 1)
@@ -80,15 +76,13 @@ class InceptionA(nn.Module):
         self.branch_pool = ConvBN(in_channels, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           self.branch_pool(avg_pool_3x3(x))], dim=1)
 
 
 class InceptionB(nn.Module):
     """35x35 -> 17x17 reduction (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
-
     def __init__(self, in_channels):
         super().__init__()
         self.branch3x3 = ConvBN(in_channels, 384, 3, stride=2)
@@ -97,14 +91,12 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           F.max_pool2d(x, 3, stride=2)], dim=1)
 
 
 class InceptionC(nn.Module):
     """17x17 block (Mixed_6b..6e) with factorized 7x7 convolutions (1x7 and 7x1)."""
-
     def __init__(self, in_channels, channels_7x7):
         super().__init__()
         c = channels_7x7
@@ -121,15 +113,12 @@ class InceptionC(nn.Module):
 
     def forward(self, x):
         dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
-        return torch.cat([self.branch1x1(x),
-                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                          dbl,
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
                           self.branch_pool(avg_pool_3x3(x))], dim=1)
 
 
 class InceptionD(nn.Module):
     """17x17 -> 8x8 reduction (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
-
     def __init__(self, in_channels):
         super().__init__()
         self.branch3x3_1 = ConvBN(in_channels, 192, 1)
@@ -147,7 +136,6 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
     """8x8 block (Mixed_7b: average pool, Mixed_7c: max pool) with 1x3 / 3x1 splits."""
-
     def __init__(self, in_channels, max_pool):
         super().__init__()
         self.max_pool = max_pool
@@ -162,18 +150,14 @@ class InceptionE(nn.Module):
         self.branch_pool = ConvBN(in_channels, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
-                          self.branch_pool(pool)], dim=1)  # (N, 2048, 8, 8)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(dbl),
+                          self.branch3x3dbl_3b(dbl), self.branch_pool(pool)], dim=1)  # (N, 2048, 8, 8)
 
 
 class FIDInceptionV3(nn.Module):
     """Images (N, 3, H, W) in [0, 1] -> the 2048-d pool3 features FID is computed on."""
-
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
@@ -196,12 +180,9 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x):
         # pytorch-fid with resize_input and normalize_input: bilinear to 299x299, then [0, 1] -> [-1, 1]
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1  # (N, 3, 299, 299)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
+        x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1  # (N, 3, 299, 299)
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, stride=2)  # (N, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)  # ... (N, 768, 17, 17) ... (N, 2048, 8, 8)
@@ -211,10 +192,7 @@ class FIDInceptionV3(nn.Module):
 def inception_from_state_dict(state_dict, source="the state dict"):
     """A checked, strict load; half-precision weights are cast to float32, the precision the network runs in."""
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    model = FIDInceptionV3()
-    check_state_dict(model, state_dict, source, INCEPTION_SOURCE)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval().requires_grad_(False)
+    return load_checked(FIDInceptionV3(), state_dict, source, INCEPTION_SOURCE).eval().requires_grad_(False)
 
 
 def load_inception(path, device="cpu"):
@@ -225,10 +203,8 @@ def load_inception(path, device="cpu"):
 # LPIPS v0.1 with AlexNet features (Zhang et al., 2018): unit-normalize each layer's activations over channels,
 # square the difference, weight the channels with a learned 1x1 conv, average over space, sum over the 5 layers.
 
-
 class ScalingLayer(nn.Module):
     """[-1, 1] inputs -> the statistics AlexNet was trained on (constants of LPIPS, stored in its state dict)."""
-
     def __init__(self):
         super().__init__()
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
@@ -245,7 +221,6 @@ def numbered(first_index, *layers):
 
 class AlexNetFeatures(nn.Module):
     """torchvision's AlexNet `features`, cut after each ReLU: relu1..relu5 with 64, 192, 384, 256, 256 channels."""
-
     def __init__(self):
         super().__init__()
         self.slice1 = numbered(0, nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU())
@@ -255,17 +230,14 @@ class AlexNetFeatures(nn.Module):
         self.slice5 = numbered(10, nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
 
     def forward(self, x):
-        features = []
+        features = [x]
         for layer in (self.slice1, self.slice2, self.slice3, self.slice4, self.slice5):
-            x = layer(x)
-            features.append(x)
-        return features
+            features.append(layer(features[-1]))
+        return features[1:]  # relu1..relu5
 
 
 class LinearHead(nn.Module):
-    """Per-channel weights of one layer's squared feature difference: `model` is a 1x1 conv to one channel, held
-    where lpips keeps it (lin{k}.model.1.weight)."""
-
+    """One layer's channel weights: a 1x1 conv to one channel, where lpips keeps it (lin{k}.model.1.weight)."""
     def __init__(self, channels):
         super().__init__()
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
@@ -273,11 +245,9 @@ class LinearHead(nn.Module):
 
 class LPIPS(nn.Module):
     """Two image batches (N, 3, H, W) in [-1, 1] -> their perceptual distances (N,)."""
-
     def __init__(self):
         super().__init__()
-        self.scaling_layer = ScalingLayer()
-        self.net = AlexNetFeatures()
+        self.scaling_layer, self.net = ScalingLayer(), AlexNetFeatures()
         heads = [LinearHead(c) for c in (64, 192, 384, 256, 256)]
         for k, head in enumerate(heads):
             self.add_module(f"lin{k}", head)
@@ -292,29 +262,22 @@ class LPIPS(nn.Module):
         return distance[:, 0]
 
 
-ALEXNET_SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision `features.i` -> LPIPS `net.slice{k}.i`
-
-
 def lpips_from_state_dict(state_dict, source="the state dict"):
     """LPIPS from what the user has: an LPIPS state dict, the lpips package's lin file (lin0..lin4 only),
     torchvision's AlexNet (`features.i.*`, `classifier.*`), or a merge of those; then a strict, checked load."""
-    model = LPIPS()
+    model, slice_of = LPIPS(), {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # torchvision `features.i` -> LPIPS `net.slice{k}.i`
     merged = {k: v for k, v in model.state_dict().items() if k.startswith("scaling_layer.")}  # fixed constants
     for key, value in state_dict.items():
-        if key.startswith("classifier."):
-            continue  # AlexNet's classifier is not part of LPIPS
         if key.startswith("features."):
             index, rest = key[len("features."):].split(".", 1)
-            key = f"net.slice{ALEXNET_SLICE.get(int(index), '?')}.{index}.{rest}"
-        merged[key] = value
-    for k in range(5):  # fill the second registration of each head from the first
-        names = (f"lin{k}.model.1.weight", f"lins.{k}.model.1.weight")
-        found = [merged[n] for n in names if n in merged]
-        if found:
-            merged.update({n: merged.get(n, found[0]) for n in names})
-    check_state_dict(model, merged, source, LPIPS_SOURCE)
-    model.load_state_dict(merged, strict=True)
-    return model.eval().requires_grad_(False)
+            key = f"net.slice{slice_of.get(int(index), '?')}.{index}.{rest}"
+        if not key.startswith("classifier."):  # AlexNet's classifier is not part of LPIPS
+            merged[key] = value
+    for k in range(5):  # each head's two registrations: one given, the other is filled from it
+        first, second = f"lin{k}.model.1.weight", f"lins.{k}.model.1.weight"
+        if first in merged or second in merged:
+            merged[first], merged[second] = merged.get(first, merged.get(second)), merged.get(second, merged.get(first))
+    return load_checked(model, merged, source, LPIPS_SOURCE).eval().requires_grad_(False)
 
 
 def load_lpips(paths, device="cpu"):
@@ -328,7 +291,6 @@ def load_lpips(paths, device="cpu"):
 #   FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
 # S1 S2 has the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace of its square root is
 # the sum of square roots of a symmetric eigendecomposition: no complex parts, fine for rank-deficient S.
-
 
 def feature_stats(features):
     """(N, D) features -> mean (D,) and covariance (D, D), in float64."""
@@ -351,12 +313,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # class hierarchy is known `superclass_labels` (0..S-1), `superclass_names`, `class_names`). References: the same
 # .npz, or any data set of data.py (iNat 2021 val as distributed, a folder tree, ...) read lazily, centre-cropped.
 
-
 def read_class_map(class_map):
     """A list of superclass ids or names, a JSON file of one, or a hierarchy {"class_to_superclass": [...],
     "superclass_names": [...]} (as checkpoints store it) -> (class_to_superclass (C,) int array, names or None)."""
-    if isinstance(class_map, (str, os.PathLike)):
-        class_map = read_json(class_map)
+    class_map = read_json(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     names = None
     if isinstance(class_map, dict):
         class_map, names = class_map["class_to_superclass"], class_map.get("superclass_names")
@@ -368,15 +328,12 @@ def read_class_map(class_map):
 
 def read_image_npz(path, class_map=None):
     """An .npz of images -> dict(images (N, H, W, 3) uint8, labels, superclass_labels, superclass_names,
-    class_names); a missing array is None. A class map given here overrides the file's superclasses.
-    The pixels are read into memory (50,000 samples at 256 px: 9.8 GB)."""
+    class_names); a missing array is None. The pixels are read into memory (50,000 samples at 256 px: 9.8 GB)."""
     with np.load(path) as f:
-        data = {key: f[key] if key in f else None
-                for key in ("labels", "superclass_labels", "superclass_names", "class_names")}
-        data["images"] = f["arr_0"]
-    if data["images"].ndim != 4 or data["images"].shape[-1] != 3 or data["images"].dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), found {data['images'].dtype} "
-                         f"{data['images'].shape}")
+        data = {key: f.get(key) for key in ("labels", "superclass_labels", "superclass_names", "class_names")}
+        data["images"] = images = f["arr_0"]
+    cli.check((images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8)
+              and f"{path}: arr_0 must be uint8 images (N, H, W, 3), found {images.dtype} {images.shape}")
     if class_map is not None and data["labels"] is not None:  # the map given by the user takes precedence
         class_to_superclass, names = read_class_map(class_map)
         data["superclass_labels"] = class_to_superclass[data["labels"]]
@@ -410,19 +367,18 @@ def image_batches(images, batch_size=50, num_workers=4):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# FID overall and per superclass (Table 1). Statistics are kept as {name: (mu, sigma)}, "overall" first, and
-# cached in an .npz: names (K,), mu (K, D), sigma (K, D, D).
-
+# Table 1's numbers, overall and per superclass. FID: statistics kept as {name: (mu, sigma)}, "overall" first, and
+# cached in an .npz: names (K,), mu (K, D), sigma (K, D, D). LPIPS diversity: the mean LPIPS distance between two
+# samples of the same class (higher = more diverse).
 
 def set_statistics(features, superclass_labels=None, superclass_names=None):
     """Features of an image set -> {"overall": (mu, sigma), superclass name: (mu, sigma), ...}."""
     stats = {"overall": feature_stats(features)}
-    if superclass_labels is not None:
-        for s in np.unique(superclass_labels):
-            rows = superclass_labels == s
-            if rows.sum() >= 2:  # a covariance needs two samples
-                name = superclass_names[s] if superclass_names is not None else f"superclass {s}"
-                stats[name] = feature_stats(features[rows])
+    for s in [] if superclass_labels is None else np.unique(superclass_labels):
+        rows = superclass_labels == s
+        if rows.sum() >= 2:  # a covariance needs two samples
+            name = superclass_names[s] if superclass_names is not None else f"superclass {s}"
+            stats[name] = feature_stats(features[rows])
     return stats
 
 
@@ -433,11 +389,10 @@ def save_statistics(path, stats):
 
 def load_statistics(path):
     """The statistics in an .npz written by save_statistics (`ref-stats`); None for any other file."""
-    if not (os.path.isfile(path) and str(path).endswith(".npz")):
-        return None
-    with np.load(path) as f:
-        if "mu" in f:
-            return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
+    if os.path.isfile(path) and str(path).endswith(".npz"):
+        with np.load(path) as f:
+            if "mu" in f:
+                return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
 
 
 def fid_by_superclass(sample_stats, reference_stats):
@@ -460,10 +415,6 @@ def image_set_statistics(path, inception, kind=None, split=None, image_size=256,
                           image_set["superclass_names"])
 
 
-# -----------------------------------------------------------------------------------------------------------
-# LPIPS diversity: the mean LPIPS distance between two samples of the same class (Table 1; higher = more diverse)
-
-
 def same_class_pairs(labels, pairs_per_class=10, seed=0):
     """(P, 2) index pairs i < j with labels[i] == labels[j]; at most `pairs_per_class` per class, drawn at random."""
     rng = np.random.default_rng(seed)
@@ -483,8 +434,7 @@ def lpips_diversity(lpips, images, labels, superclass_labels=None, superclass_na
                     batch_size=50, seed=0, device="cpu"):
     """uint8 images (N, H, W, 3) -> {"overall": mean LPIPS over same-class pairs, superclass: mean over its pairs}."""
     pairs = same_class_pairs(labels, pairs_per_class, seed)
-    if len(pairs) == 0:
-        raise ValueError("LPIPS diversity needs at least two samples of one class")
+    cli.check(len(pairs) == 0 and "LPIPS diversity needs at least two samples of one class")
     distances = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="LPIPS pairs"):
         a, b = (to_tensor(images[pairs[start:start + batch_size, k]]).to(device) for k in (0, 1))  # [-1, 1]
@@ -500,11 +450,9 @@ def lpips_diversity(lpips, images, labels, superclass_labels=None, superclass_na
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Exact t-SNE (van der Maaten & Hinton, 2008): Gaussian neighbourhoods of a given perplexity in the input,
-# a Student-t kernel in 2-D, KL(P || Q) minimized by gradient descent with momentum, per-coordinate gains and
-# early exaggeration. Every pair is used: 10,011 labels take 0.8 GB per N x N float64 matrix and about 1 s per
-# iteration on 2 CPU cores (run it on a GPU with --device cuda).
-
+# Exact t-SNE (van der Maaten & Hinton, 2008): Gaussian neighbourhoods of a given perplexity in the input, a 2-D
+# Student-t kernel, KL(P || Q) minimized by gradient descent with momentum, per-coordinate gains, early exaggeration.
+# Every pair is used: 10,011 labels take 0.8 GB per N x N float64 matrix, ~1 s an iteration on 2 CPU cores (or a GPU).
 
 def conditional_probabilities(sq_distances, perplexity, steps=200, tolerance=1e-6):
     """p_{j|i} with each row's Gaussian precision found by bisection so that its entropy is log(perplexity)."""
@@ -530,22 +478,19 @@ def tsne(x, perplexity=30.0, iterations=1000, learning_rate=None, exaggeration=1
     """(N, D) points -> (N, 2) embedding, deterministic given the seed."""
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
     n = x.shape[0]
-    sq_distances = torch.cdist(x, x).square()
-    p = conditional_probabilities(sq_distances, min(perplexity, (n - 1) / 3))
+    p = conditional_probabilities(torch.cdist(x, x).square(), min(perplexity, (n - 1) / 3))
     p = ((p + p.T) / (2 * n)).clamp_min(1e-12)  # symmetric joint probabilities p_ij (Sec. 3.1)
-    generator = torch.Generator().manual_seed(seed)
-    y = (1e-4 * torch.randn(n, 2, generator=generator, dtype=torch.float64)).to(device)
+    y = (1e-4 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).to(device)
     update, gains = torch.zeros_like(y), torch.ones_like(y)
     learning_rate = learning_rate or max(n / exaggeration, 50.0)  # Belkina et al. (2019); large steps eject points
     for step in tqdm(range(iterations), desc="t-SNE", disable=not progress):
         kernel = torch.cdist(y, y).square_().add_(1).reciprocal_()  # Student-t, one degree of freedom (Eq. 4)
         kernel.fill_diagonal_(0)
         q = (kernel / kernel.sum()).clamp_min_(1e-12)
-        alpha = exaggeration if step < exaggeration_steps else 1.0  # early exaggeration
+        alpha, momentum = (exaggeration, 0.5) if step < exaggeration_steps else (1.0, 0.8)  # early exaggeration
         w = q.neg_().add_(p, alpha=alpha).mul_(kernel)  # (alpha p_ij - q_ij) k_ij
         grad = 4 * (w.sum(dim=1, keepdim=True) * y - w @ y)  # dC/dy_i = 4 sum_j (p_ij - q_ij)(y_i - y_j) k_ij (Eq. 5)
         gains = torch.where((grad > 0) != (update > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
-        momentum = 0.5 if step < exaggeration_steps else 0.8
         update = momentum * update - learning_rate * gains * grad
         y = y + update
         y = y - y.mean(dim=0)
@@ -553,13 +498,11 @@ def tsne(x, perplexity=30.0, iterations=1000, learning_rate=None, exaggeration=1
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Figure 7: the t-SNE of the label table. Fine classes as dots, the mean of each superclass's fine embeddings as
-# a star, the superclass embedding as a cross. The means are embedded jointly with the rows (t-SNE places no
-# new points afterwards), so how central they land is what the figure shows.
-
+# Figure 7: the t-SNE of the label table
 
 def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_options):
-    """Rows [fine C | superclass S | (null)] -> 2-D positions of the fine rows, superclass means, superclass rows."""
+    """Rows [fine C | superclass S | (null)] -> 2-D positions of the fine rows, superclass means, superclass rows.
+    The means are embedded with the rows (t-SNE places no new points later), so Figure 7 shows how central they land."""
     table = torch.as_tensor(table, dtype=torch.float64)
     c = len(class_to_superclass)
     fine, superclass = table[:c], table[c:c + num_superclasses]  # a trailing null row is not part of Figure 7
@@ -570,11 +513,9 @@ def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_optio
 
 
 def superclass_colors(names):
-    """A colour per superclass: its colour in the images where it has one (the toy set's), else hues spread evenly,
-    alternating value so neighbouring hues stay apart."""
-    palette = [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / len(names), 0.8, 0.95 if i % 2 else 0.7))
-               for i in range(len(names))]
-    return [toy_superclass_color(name) or color for name, color in zip(names, palette)]
+    """A colour per superclass: the toy set's where it has one, else evenly spread hues of alternating value."""
+    rgb = lambda i: colorsys.hsv_to_rgb(i / len(names), 0.8, 0.95 if i % 2 else 0.7)
+    return [toy_superclass_color(name) or tuple(round(255 * v) for v in rgb(i)) for i, name in enumerate(names)]
 
 
 def draw_marker(draw, center, kind, size, color):
@@ -594,12 +535,10 @@ def draw_marker(draw, center, kind, size, color):
 
 def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclass_names, path, size=(1400, 1000),
                  title="t-SNE of label embeddings"):
-    """Draw the embedding as a PNG: the plot on the left, filling its area (t-SNE's axes carry no unit, so each
-    is stretched on its own), a legend on the right."""
-    width, height = size
-    font_px = max(12, height // 60)
+    """The embedding as a PNG: the plot left, each axis stretched to fill it (t-SNE's carry no unit), a legend right."""
+    (width, height), margin = size, 30
+    legend_width, font_px = width // 4, max(12, height // 60)
     font = ImageFont.load_default(size=font_px)
-    legend_width, margin = width // 4, 30
     r = max(1.5, min(5.0, 150 / math.sqrt(len(fine_xy))))  # dots shrink as classes grow in number
     inset = 4 * r + 4  # a star's or a cross's half width: markers at the edge stay whole
     points = np.concatenate([fine_xy, mean_xy, superclass_xy])
@@ -613,8 +552,8 @@ def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclas
     for center, s in zip(to_pixels(fine_xy), class_to_superclass):
         draw_marker(draw, center, "dot", r, colors[s])
     for s, (mean, row) in enumerate(zip(to_pixels(mean_xy), to_pixels(superclass_xy))):
-        draw_marker(draw, mean, "star", 4 * r + 4, colors[s])
-        draw_marker(draw, row, "cross", 4 * r + 4, colors[s])
+        draw_marker(draw, mean, "star", inset, colors[s])
+        draw_marker(draw, row, "cross", inset, colors[s])
     # legend: one colour per superclass, then the three markers
     x0, line = width - legend_width + margin // 2, font_px + 8
     legend = [(name, "dot", colors[s]) for s, name in enumerate(superclass_names)] + [(None, None, None)]
@@ -629,8 +568,7 @@ def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclas
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Table 1 as markdown
-
+# The command line, and Table 1 (markdown) from the results JSON files it writes
 
 def results_table(results):
     """Table 1: a row per method, FID and LPIPS per superclass, then overall. results: [{"method", "fid", "lpips"}]."""
@@ -639,79 +577,71 @@ def results_table(results):
     cell = lambda r, metric, name: f"{r[metric][name]:.3f}" if name in r.get(metric, {}) else "–"
     lines = ["| Method | " + " | ".join(f"{n} FID↓ | {n} LPIPS↑" for n in names) + " |",
              "|---|" + "---:|" * (2 * len(names))]
-    for r in results:
-        lines.append(f"| {r.get('method', '?')} | "
-                     + " | ".join(f"{cell(r, 'fid', n)} | {cell(r, 'lpips', n)}" for n in names) + " |")
+    lines += [f"| {r.get('method', '?')} | " + " | ".join(f"{cell(r, 'fid', n)} | {cell(r, 'lpips', n)}" for n in names)
+              + " |" for r in results]
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def update_results(path, method, metric, values):
-    """Merge one metric of one method into a results JSON (what `table` reads)."""
-    results = read_json(path) if os.path.isfile(path) else {}
-    results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
-    results[metric] = values
-    pathlib.Path(path).write_text(json.dumps(results, indent=2))
+def report(metric, values, path=None, method=None):
+    """Print {name: value} as `FID name: value` lines; merge them into the results JSON at `path` (read by `table`)."""
+    print("\n".join(f"{metric.upper()} {name}: {value:.3f}" for name, value in values.items()))
+    if path:
+        results = read_json(path) if os.path.isfile(path) else {}
+        results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
+        results[metric] = values
+        pathlib.Path(path).write_text(json.dumps(results, indent=2))
 
 
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def add_common(p, inception=True):
-        p.add_argument("--device", default=device, help="where the networks run")
-        p.add_argument("--batch-size", type=POSITIVE, default=50, help="images per forward pass")
-        p.add_argument("--class-map", default=None, help="fine -> superclass JSON, if the .npz does not hold it")
-        if inception:
-            p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
-            p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
-            p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
-            p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
-            p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
-
     p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, saved to an .npz")
     p.add_argument("--ref", required=True, help="data set root (see --ref-data) or an images .npz")
     p.add_argument("--out", required=True, help="the statistics .npz to write")
-    add_common(p)
     p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats), images .npz or data set root")
-    add_common(p)
     p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--lpips-weights", nargs="+", required=True, help="alex.pth + alexnet-owt-7be5be79.pth, or one file")
     p.add_argument("--pairs-per-class", type=POSITIVE, default=10, help="random pairs of samples per class")
     p.add_argument("--seed", type=int, default=0, help="which pairs")
-    add_common(p, inception=False)
+    for p in commands.choices["ref-stats"], commands.choices["fid"], commands.choices["lpips"]:
+        p.add_argument("--device", default=device, help="where the networks run")
+        p.add_argument("--batch-size", type=POSITIVE, default=50, help="images per forward pass")
+        p.add_argument("--class-map", help="fine -> superclass JSON, if the .npz does not hold it")
+    for p in commands.choices["ref-stats"], commands.choices["fid"]:
+        p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
+        p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
+        p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
+        p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
+    p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
+    for p in commands.choices["ref-stats"], commands.choices["fid"], p:
+        p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
     for p in commands.choices["fid"], commands.choices["lpips"]:
-        p.add_argument("--method", default=None, help="row name in Table 1")
-        p.add_argument("--results", default=None, help="JSON to merge the numbers into (read by `table`)")
+        p.add_argument("--method", help="row name in Table 1")
+        p.add_argument("--results", help="JSON to merge the numbers into (read by `table`)")
     p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
     p.add_argument("results", nargs="+", help="JSON files of fid / lpips --results")
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint or an official FineDiffusion one")
-    p.add_argument("--class-map", default=None, help="hierarchy JSON (none: the checkpoint's own)")
+    p.add_argument("--class-map", help="hierarchy JSON (none: the checkpoint's own)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help=WEIGHTS_HELP)
-    p.add_argument("--out", default=None, help="the PNG to write (none: tsne.png in the checkpoint's run folder)")
+    p.add_argument("--out", help="the PNG to write (none: tsne.png in the checkpoint's run folder)")
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
     p.add_argument("--seed", type=int, default=0, help="t-SNE's starting positions")
     p.add_argument("--size", type=POSITIVE, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
                    help="of the figure, in pixels")
     p.add_argument("--device", default=device, help="where t-SNE runs")
-    p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
+    p = commands.choices["data"]
     p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
-    p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it, default cache/toy)")
-    p.add_argument("--split", default=None, help="inat: train_mini/train/val; vegfru: train/val/test/trainval; "
-                                                  "toy: source/target")
+    p.add_argument("--data-path", help="dataset root (toy: where to generate it, default cache/toy)")
+    p.add_argument("--split", help="inat: train_mini/train/val; vegfru: train/val/test/trainval; toy: source/target")
     p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
     p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
-    p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
-    p.add_argument("--save-hierarchy", default=None, help="write the class hierarchy to this JSON file")
+    p.add_argument("--save-hierarchy", help="write the class hierarchy to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -726,23 +656,18 @@ def main(argv=None):
         read_json(args.results)
     if args.command in ("ref-stats", "fid"):
         inception = load_inception(args.inception, args.device)
-        options = dict(image_size=args.image_size, class_map=args.class_map, batch_size=args.batch_size,
-                       num_workers=args.num_workers, device=args.device)
-        ref_options = dict(kind=args.ref_data, split=args.ref_split, **options)
+        options = {k: getattr(args, k) for k in ("image_size", "class_map", "batch_size", "num_workers", "device")}
+        reference = (args.command == "fid" and load_statistics(args.ref)) or image_set_statistics(
+            args.ref, inception, args.ref_data, args.ref_split, **options)  # fid also takes ref-stats' .npz as it is
     if args.command == "ref-stats":
-        stats = image_set_statistics(args.ref, inception, **ref_options)
-        save_statistics(out, stats)
-        print(f"saved statistics of {', '.join(stats)} to {out}")
+        save_statistics(out, reference)
+        print(f"saved statistics of {', '.join(reference)} to {out}")
     elif args.command == "fid":
-        reference = load_statistics(args.ref) or image_set_statistics(args.ref, inception, **ref_options)
         sample_stats = image_set_statistics(args.samples, inception, **options)
         fids = fid_by_superclass(sample_stats, reference)
-        print("\n".join(f"FID {name}: {value:.3f}" for name, value in fids.items()))
-        if set(sample_stats) - set(fids):
-            missing = sorted(set(sample_stats) - set(fids))
+        report("fid", fids, args.results, args.method)
+        if missing := sorted(set(sample_stats) - set(fids)):
             print(f"no reference images for {missing} (the reference has {list(reference)})")
-        if args.results:
-            update_results(args.results, args.method, "fid", fids)
     elif args.command == "lpips":
         lpips = load_lpips(args.lpips_weights, args.device)
         samples = read_image_npz(args.samples, args.class_map)
@@ -751,9 +676,7 @@ def main(argv=None):
         values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
                                  samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
                                  args.device)
-        print("\n".join(f"LPIPS {name}: {value:.3f}" for name, value in values.items()))
-        if args.results:
-            update_results(args.results, args.method, "lpips", values)
+        report("lpips", values, args.results, args.method)
     elif args.command == "table":
         print(results_table([read_json(path) for path in args.results]))
     elif args.command == "tsne":
@@ -769,11 +692,10 @@ def main(argv=None):
                   f"has {table.shape[0]} rows, and Figure 7 needs the {len(class_to_superclass)} fine + "
                   f"{num_superclasses} superclass rows of a tiered table, as --method finediffusion trains (others "
                   f"have a row per class + a null row)")
-        fine_xy, mean_xy, super_xy = embed_label_table(table, class_to_superclass, num_superclasses,
-                                                       perplexity=args.perplexity, iterations=args.iterations,
-                                                       seed=args.seed, device=args.device)
+        fine, means, supers = embed_label_table(table, class_to_superclass, num_superclasses, device=args.device,
+                                                perplexity=args.perplexity, iterations=args.iterations, seed=args.seed)
         name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
-        draw_figure7(fine_xy, class_to_superclass, mean_xy, super_xy, names, out, tuple(args.size),
+        draw_figure7(fine, class_to_superclass, means, supers, names, out, tuple(args.size),
                      title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
         print(f"saved {out} (the {args.weights} label table)")
     elif args.command == "data":  # a data set's summary, its unreadable images, its class hierarchy as JSON
@@ -783,8 +705,8 @@ def main(argv=None):
                              minlength=len(hierarchy.superclass_names))
         print(f"{len(dataset.files):,} images of {len(hierarchy.class_names):,} classes in "
               f"{len(hierarchy.superclass_names)} superclasses ({len(dataset):,} items with mirrors)")
-        for s, superclass in enumerate(hierarchy.superclass_names):
-            print(f"  {s:3d} {superclass:24s} {hierarchy.class_to_superclass.count(s):6,} classes {counts[s]:9,} images")
+        for s, name in enumerate(hierarchy.superclass_names):
+            print(f"  {s:3d} {name:24s} {hierarchy.class_to_superclass.count(s):6,} classes {counts[s]:9,} images")
         if args.check:
             for _ in read_images(dataset, num_workers=args.num_workers):
                 pass

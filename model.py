@@ -39,10 +39,8 @@ def modulate(x, shift, scale):
 # -----------------------------------------------------------------------------------------------------------
 # Embedding layers for timesteps and labels
 
-
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal frequencies followed by a two-layer MLP."""
-
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
@@ -55,25 +53,19 @@ class TimestepEmbedder(nn.Module):
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
+        return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))  # odd dim: a zero column
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
 
 
 class TieredEmbedder(nn.Module):
-    """
-    FineDiffusion's TieredEmbedder: one table whose rows are laid out as
+    """FineDiffusion's TieredEmbedder: one table whose rows are laid out as
         [fine classes 0..C-1 | superclasses C..C+S-1 | null row C+S (optional)].
     `parent[c]` is the row that stands in for fine class c when its label is dropped during training:
     its superclass row (FineDiffusion), or the null row when there are no superclasses — which is exactly
     the official DiT LabelEmbedder, so one class serves both (DiT's table: 1000 classes + null row 1000;
-    the official FineDiffusion table: 10,000 classes + 11 superclasses, no null row).
-    """
-
+    the official FineDiffusion table: 10,000 classes + 11 superclasses, no null row)."""
     def __init__(self, num_classes, hidden_size, dropout_prob, class_to_superclass=None, num_superclasses=0,
                  null_row=True):
         super().__init__()
@@ -100,8 +92,7 @@ class TieredEmbedder(nn.Module):
 
     def replace_by_parent(self, labels):
         """FineDiffusion training: each fine label becomes its parent (superclass or null) with prob. p."""
-        is_fine = labels < self.num_classes
-        drop = (torch.rand(labels.shape, device=labels.device) < self.dropout_prob) & is_fine
+        drop = (torch.rand(labels.shape, device=labels.device) < self.dropout_prob) & (labels < self.num_classes)
         return torch.where(drop, self.parent[labels.clamp(max=self.num_classes - 1)], labels)
 
     def forward(self, labels, train):
@@ -113,10 +104,8 @@ class TieredEmbedder(nn.Module):
 # -----------------------------------------------------------------------------------------------------------
 # Transformer blocks with adaLN-Zero conditioning
 
-
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's key names: qkv, proj)."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -132,20 +121,17 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (timm's key names: fc1, fc2)."""
-
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero: the condition c regresses shift, scale and gate of both branches."""
-
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm_affine=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=1e-6)
@@ -157,13 +143,11 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x  # (N, T, D)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and a linear map from each token to its patch of outputs."""
-
     def __init__(self, hidden_size, patch_size, out_channels, norm_affine=False):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=1e-6)
@@ -177,7 +161,6 @@ class FinalLayer(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Image -> sequence of patch tokens by a strided convolution (timm's key name: proj)."""
-
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -189,13 +172,9 @@ class PatchEmbed(nn.Module):
 # -----------------------------------------------------------------------------------------------------------
 # The Diffusion Transformer
 
-
 class DiT(nn.Module):
-    """
-    Diffusion Transformer. With `num_superclasses` > 0 the label table is a TieredEmbedder with superclass
-    rows; `norm_affine` gives the LayerNorms the scale/offset that FineDiffusion trains.
-    """
-
+    """Diffusion Transformer. With `num_superclasses` > 0 the label table is a TieredEmbedder with superclass rows;
+    `norm_affine` gives the LayerNorms the scale/offset that FineDiffusion trains."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, num_superclasses=0,
                  class_to_superclass=None, null_row=True, norm_affine=False, pos_embed_scale=1.0):
@@ -225,24 +204,27 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a linear layer on flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in (self.y_embedder.embedding_table, self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
         for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1],
                                                                               self.final_layer.linear]:
             nn.init.zeros_(layer.weight)  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(layer.bias)
 
     def sincos_positions(self):
-        """(1, T, D) fixed 2-D sin-cos positions of the token grid, the grid coordinates times pos_embed_scale."""
-        positions = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size, self.pos_embed_scale)
+        """(1, T, D) fixed 2-D sin-cos positions of the token grid, the grid coordinates times pos_embed_scale, in
+        numpy as the official get_2d_sincos_pos_embed: half the channels are [sin | cos] of one axis, half the other."""
+        coords = np.arange(self.input_size // self.patch_size, dtype=np.float32) * self.pos_embed_scale
+        grid = np.stack(np.meshgrid(coords, coords), axis=0).reshape(2, -1)  # the official (w, h) ordering
+        half = self.hidden_size // 2
+        omega = 1.0 / 10000 ** (np.arange(half // 2, dtype=np.float64) / (half / 2.0))
+        angles = [np.einsum("m,d->md", axis, omega) for axis in grid]  # (T, D/4) per axis
+        positions = np.concatenate([wave(a) for a in angles for wave in (np.sin, np.cos)], axis=1)  # (T, D)
         return torch.from_numpy(positions).float().unsqueeze(0)
 
     def resize(self, input_size):
-        """
-        Run on another grid (latent or pixel side `input_size`) with the positions scaled to stay inside the range
-        the model was trained on: DiffFit's trick, 512 px from a 256 px model takes positions (i/2, j/2).
-        """
+        """Run on another grid (latent or pixel side `input_size`), the positions scaled to stay in the trained range:
+        DiffFit's trick, 512 px from a 256 px model takes positions (i/2, j/2)."""
         if input_size and input_size != self.input_size:
             self.pos_embed_scale *= self.input_size / input_size
             self.input_size = input_size
@@ -272,31 +254,10 @@ class DiT(nn.Module):
         """x (N, C, H, W) noisy latents, t (N,) timesteps, y (N,) label rows -> (N, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        checkpointed = self.grad_checkpointing and self.training  # recompute activations in backward: less memory
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)
         return self.unpatchify(self.final_layer(x, c))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Fixed 2-D sin-cos positional embedding (numpy, as the official code computes it)
-
-
-def get_2d_sincos_pos_embed(embed_dim, grid_size, scale=1.0):
-    """(grid_size**2, embed_dim): half the channels encode one grid axis, half the other."""
-    coords = np.arange(grid_size, dtype=np.float32) * scale
-    grid = np.stack(np.meshgrid(coords, coords), axis=0).reshape(2, -1)  # the official (w, h) ordering
-    return np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, grid[0]),
-                           get_1d_sincos_pos_embed(embed_dim // 2, grid[1])], axis=1)
-
-
-def get_1d_sincos_pos_embed(embed_dim, positions):
-    """(M,) positions -> (M, embed_dim) [sin | cos] features."""
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
-    out = np.einsum("m,d->md", positions.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -305,11 +266,9 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 # safetensors layout: 8-byte little-endian header size, a JSON header
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional "__metadata__": {str: str}},
 # then the raw little-endian tensor bytes; offsets count from the end of the header.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -361,8 +320,8 @@ def read_safetensors(path):
 
 
 def load_state_dict_file(path, where_to_get=""):
-    """The contents of a checkpoint file: .safetensors by hand, anything else (.pt/.pth/.bin) by torch.load.
-    A missing file's error adds `where_to_get`."""
+    """A checkpoint file's contents: .safetensors by hand, others (.pt/.pth/.bin) by torch.load. Errors add
+    `where_to_get`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}. {where_to_get}".strip())
     if os.fspath(path).endswith(".safetensors"):
@@ -374,28 +333,28 @@ def load_state_dict_file(path, where_to_get=""):
         raise ValueError(f"{path} cannot be read as a checkpoint ({reason[:200]}). {where_to_get}".strip()) from None
 
 
-def check_state_dict(model, state_dict, source, where_to_get):
-    """Strict key/shape matching: raise a ValueError naming missing, unexpected and mis-shaped keys."""
+def load_checked(model, state_dict, source, where_to_get, assign=False):
+    """A strict load -> model, checked first: a mismatch is a ValueError naming missing, unexpected and mis-shaped
+    keys, then `where_to_get`. assign=True: the model (a meta-device one, say) takes the state dict's tensors."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in state_dict.items()}
-    problems = {
-        "missing keys": [k for k in expected if k not in found],
-        "unexpected keys": [k for k in found if k not in expected],
-        "mis-shaped keys": [f"{k} (file {found[k]}, model {expected[k]})"
-                            for k in expected if k in found and found[k] != expected[k]],
-    }
+    problems = {"missing keys": [k for k in expected if k not in found],
+                "unexpected keys": [k for k in found if k not in expected],
+                "mis-shaped keys": [f"{k} (file {found[k]}, model {expected[k]})"
+                                    for k in expected if k in found and found[k] != expected[k]]}
     lines = [f"{kind} ({len(keys)}): " + ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
              for kind, keys in problems.items() if keys]
     if lines:
         raise ValueError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(lines)
                          + f"\n{where_to_get}")
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------
 # DiT checkpoints: the official .pt files (a raw state dict), official DiT and FineDiffusion training checkpoints
 # ({"model", "ema", ...}), .safetensors -> the DiT they hold, checked and loaded strictly. (train.py's own
 # checkpoints are checkpoint.py's format; checkpoint.load_model rebuilds them on top of this.)
-
 
 LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
 DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt "
@@ -405,10 +364,8 @@ DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/
 def dit_state_dict(checkpoint, weights="ema"):
     """The DiT weights a file holds: of a training checkpoint ({"model", "ema"}) the EMA ones, or the trained ones
     themselves with weights="raw"; a plain state dict is the one set there is."""
-    for key in ("ema", "model") if weights == "ema" else ("model", "ema"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            return checkpoint[key]
-    return checkpoint
+    keys = ("ema", "model") if weights == "ema" else ("model", "ema")
+    return next((checkpoint[k] for k in keys if k in checkpoint and isinstance(checkpoint[k], dict)), checkpoint)
 
 
 def heads_for_width(hidden_size):
@@ -426,13 +383,11 @@ def read_dit_shape(state_dict):
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     grid = state_dict["pos_embed"].shape[1] ** 0.5 if "pos_embed" in state_dict else None  # fixed: may be left out
-    shape = dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}), hidden_size=hidden,
-                 patch_size=patch, in_channels=in_channels, num_heads=heads_for_width(hidden),
-                 mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out == 2 * in_channels,
-                 input_size=int(grid) * patch if grid else None,
-                 norm_affine="final_layer.norm_final.weight" in state_dict,
-                 table_rows=state_dict[LABEL_TABLE_KEY].shape[0])
-    return shape
+    return dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}), hidden_size=hidden,
+                patch_size=patch, in_channels=in_channels, num_heads=heads_for_width(hidden),
+                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out == 2 * in_channels,
+                input_size=int(grid) * patch if grid else None, table_rows=state_dict[LABEL_TABLE_KEY].shape[0],
+                norm_affine="final_layer.norm_final.weight" in state_dict)
 
 
 def dit_name(shape):
@@ -452,10 +407,8 @@ def describe_dit(shape):
 
 
 def load_dit_weights(model, state_dict, source="the checkpoint"):
-    """
-    Strict load with errors that name every missing, unexpected or mis-shaped key and say what the file fits.
-    pos_embed is a fixed function of the grid, not a learned weight: a different grid size is recomputed.
-    """
+    """Strict load with errors that name every missing, unexpected or mis-shaped key and say what the file fits.
+    pos_embed is a fixed function of the grid, not a learned weight: a different grid size is recomputed."""
     own = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items() if not (k == "pos_embed" and v.shape != own[k].shape)}
     state_dict.setdefault("pos_embed", own["pos_embed"])
@@ -463,41 +416,33 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
         fits = f"The file holds {describe_dit(read_dit_shape(state_dict))}."
     except (ValueError, KeyError):
         fits = "The file is not a DiT checkpoint."
-    check_state_dict(model, state_dict, source, fits + " " + DIT_SOURCE)
-    model.load_state_dict(state_dict, strict=True)
-    return model
+    return load_checked(model, state_dict, source, fits + " " + DIT_SOURCE)
 
 
 def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None, weights="ema"):
-    """
-    The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
+    """The DiT a file holds (a path, or what load_state_dict_file read from `source`), built from its shapes: any depth,
     width, patch, channels and label table. `input_size` (latent or pixel grid side) defaults to the file's; at another
     size the positions are scaled (DiT.resize). A tiered table (affine LayerNorms: the official FineDiffusion layout)
-    is split into classes and superclasses by `class_to_superclass`.
-    `weights`: "ema" or "raw" (dit_state_dict).
-    """
+    is split into classes and superclasses by `class_to_superclass`. `weights`: "ema" or "raw" (dit_state_dict)."""
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
     state_dict = dit_state_dict(checkpoint, weights)
     shape = read_dit_shape(state_dict)
     if not (input_size or shape["input_size"]):
-        raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: give the input size to "
-                         f"load it")
-    config = {k: shape[k] for k in ("depth", "hidden_size", "patch_size", "in_channels", "mlp_ratio", "learn_sigma",
-                                    "norm_affine")}
-    config.update(input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])
+        raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: give the input size to load it")
+    config = dict(shape, input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])
+    rows = config.pop("table_rows")  # the rest are DiT's arguments
     if shape["norm_affine"]:  # official FineDiffusion: [fine | superclass] rows, no null row
-        num_superclasses = shape["table_rows"] - len(class_to_superclass or ())
+        num_superclasses = rows - len(class_to_superclass or ())
         if class_to_superclass is None or num_superclasses <= max(class_to_superclass):
-            raise ValueError(f"{source} holds a FineDiffusion label table of {shape['table_rows']} rows (classes + "
-                             f"superclasses): its class list is needed to split them (a hierarchy JSON, or "
-                             f"iNat's train_mini.json)" + ("" if class_to_superclass is None else
-                             f"; the one given has {len(class_to_superclass)} classes and "
-                             f"{max(class_to_superclass) + 1} superclasses"))
+            given = "" if class_to_superclass is None else (f"; the one given has {len(class_to_superclass)} classes"
+                                                            f" and {max(class_to_superclass) + 1} superclasses")
+            raise ValueError(f"{source} holds a FineDiffusion label table of {rows} rows (classes + superclasses): its "
+                             f"class list is needed to split them (a hierarchy JSON, or iNat's train_mini.json){given}")
         config.update(num_classes=len(class_to_superclass), num_superclasses=num_superclasses,
                       class_to_superclass=class_to_superclass, null_row=False)
     else:  # official DiT: classes + the null row
-        config.update(num_classes=shape["table_rows"] - 1)
+        config.update(num_classes=rows - 1)
     return load_dit_weights(DiT(**config), state_dict, source).resize(input_size)
 
 
@@ -520,9 +465,7 @@ class VAEResnetBlock(nn.Module):
     def forward(self, x):  # (N, C_in, H, W) -> (N, C_out, H, W)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
 class VAEAttention(nn.Module):
@@ -530,9 +473,7 @@ class VAEAttention(nn.Module):
     def __init__(self, channels, groups):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=VAE_NORM_EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
         # ".0" in the key names: diffusers' slot 1 is a dropout
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
@@ -554,24 +495,16 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class VAEDownsample(nn.Module):
-    """Stride-2 3x3 conv after padding only right and bottom by one: (H, W) -> (H/2, W/2)."""
-    def __init__(self, channels):
+class VAEResample(nn.Module):
+    """Down: a stride-2 3x3 conv after padding only right and bottom by one, (H, W) -> (H/2, W/2).
+    Up: nearest-neighbour 2x upsampling, then a 3x3 conv, (h, w) -> (2h, 2w)."""
+    def __init__(self, channels, down):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.down = down
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if down else nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class VAEUpsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv: (h, w) -> (2h, 2w)."""
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class VAELevel(nn.Module):
@@ -582,8 +515,7 @@ class VAELevel(nn.Module):
                                       for i in range(num_resnets)])
         self.resample = resample  # "downsamplers", "upsamplers" or None: diffusers' key names
         if resample:
-            layer = VAEDownsample if resample == "downsamplers" else VAEUpsample
-            setattr(self, resample, nn.ModuleList([layer(out_channels)]))
+            setattr(self, resample, nn.ModuleList([VAEResample(out_channels, down=resample == "downsamplers")]))
 
     def forward(self, x):
         for resnet in self.resnets:
@@ -599,10 +531,8 @@ class VAEEncoder(nn.Module):
         super().__init__()
         chans, levels = block_out_channels, len(block_out_channels)
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block, groups,
-                     "downsamplers" if i < levels - 1 else None)
-            for i in range(levels)])
+        self.down_blocks = nn.ModuleList([VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block, groups,
+                                                   "downsamplers" if i < levels - 1 else None) for i in range(levels)])
         self.mid_block = VAEMidBlock(chans[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(chans[-1], 2 * latent_channels, 3, padding=1)  # mean and log-variance
@@ -611,8 +541,7 @@ class VAEEncoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
 
 
 class VAEDecoder(nn.Module):
@@ -621,10 +550,8 @@ class VAEDecoder(nn.Module):
         super().__init__()
         chans, levels = block_out_channels[::-1], len(block_out_channels)  # widest first
         self.conv_in = nn.Conv2d(latent_channels, chans[0], 3, padding=1)
-        self.up_blocks = nn.ModuleList([
-            VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block + 1, groups,
-                     "upsamplers" if i < levels - 1 else None)
-            for i in range(levels)])
+        self.up_blocks = nn.ModuleList([VAELevel(chans[max(i - 1, 0)], chans[i], layers_per_block + 1, groups,
+                                                 "upsamplers" if i < levels - 1 else None) for i in range(levels)])
         self.mid_block = VAEMidBlock(chans[0], groups)
         self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
@@ -657,8 +584,7 @@ class AutoencoderKL(nn.Module):
                  latent_channels=4, norm_num_groups=32, scaling_factor=0.18215):
         super().__init__()
         # diffusion models see z * scaling_factor, which has roughly unit variance (LDM's scale_factor)
-        self.scaling_factor = scaling_factor
-        self.latent_channels = latent_channels
+        self.scaling_factor, self.latent_channels = scaling_factor, latent_channels
         self.downsample_factor = 2 ** (len(block_out_channels) - 1)  # each level but the last halves the size
         self.encoder = VAEEncoder(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
         self.decoder = VAEDecoder(out_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
@@ -668,8 +594,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, config):
         """Build from a diffusers config.json dict; fields this architecture does not vary are checked, not used."""
-        plain = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-        for field, block in plain.items():
+        for field, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             if any(t != block for t in config.get(field, [])):
                 raise ValueError(f"unsupported VAE {field} {config[field]}: only {block} is implemented")
         if config.get("act_fn", "silu") != "silu":
@@ -694,40 +619,29 @@ SD_VAE_SOURCE = ("Get the Stable Diffusion VAE from https://huggingface.co/stabi
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def rename_legacy_vae_keys(state_dict):
-    """Map old attention parameter names (`...attentions.0.query.weight`) to current ones (`...to_q.weight`)."""
+def load_vae_state_dict(vae, state_dict, source="state dict"):
+    """Load diffusers VAE weights (load_checked; a meta-device VAE takes the file's tensors), legacy attention names
+    (`...attentions.0.query.weight`) mapped to current ones (`...attentions.0.to_q.weight`)."""
     renamed = {}
     for key, value in state_dict.items():
         parts = key.split(".")
         if "attentions" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION_NAMES:
             parts[-2] = LEGACY_ATTENTION_NAMES[parts[-2]]
         renamed[".".join(parts)] = value
-    return renamed
-
-
-def load_vae_state_dict(vae, state_dict, source="state dict"):
-    """Load diffusers VAE weights (current or legacy attention names) with strict key and shape checks."""
-    state_dict = rename_legacy_vae_keys(state_dict)
-    check_state_dict(vae, state_dict, source, SD_VAE_SOURCE)
-    vae.load_state_dict(state_dict, assign=vae.encoder.conv_in.weight.is_meta)  # meta model: take the file's tensors
-    return vae
+    return load_checked(vae, renamed, source, SD_VAE_SOURCE, assign=vae.encoder.conv_in.weight.is_meta)
 
 
 def load_vae(path, device="cpu"):
     """The VAE from a diffusers folder or its weights file (.safetensors/.bin); a config.json beside them sets the
     architecture (SD defaults otherwise). Returns a float32 model in eval mode."""
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        weights = next((c for c in candidates if os.path.isfile(c)), None)
-        if weights is None:
-            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {path}. {SD_VAE_SOURCE}")
-    elif os.path.isfile(path):
-        weights = path
-    else:
-        raise FileNotFoundError(f"no VAE at {path}. {SD_VAE_SOURCE}")
-    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    folder = os.path.isdir(path)
+    candidates = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+    weights = next((c for c in (candidates if folder else [path]) if os.path.isfile(c)), None)
+    if weights is None:
+        missing = f"no diffusion_pytorch_model.safetensors or .bin in {path}" if folder else f"no VAE at {path}"
+        raise FileNotFoundError(f"{missing}. {SD_VAE_SOURCE}")
     config = {}
-    if os.path.isfile(config_path):
+    if os.path.isfile(config_path := os.path.join(os.path.dirname(weights), "config.json")):
         with open(config_path) as f:
             config = json.load(f)
     state_dict = load_state_dict_file(weights)
@@ -735,5 +649,4 @@ def load_vae(path, device="cpu"):
         raise ValueError(f"{weights} does not hold a state dict. {SD_VAE_SOURCE}")
     with torch.device("meta"):  # no random init: every parameter comes from the file
         vae = AutoencoderKL.from_config(config)
-    load_vae_state_dict(vae, state_dict, source=weights)
-    return vae.to(device=device, dtype=torch.float32).eval()
+    return load_vae_state_dict(vae, state_dict, source=weights).to(device=device, dtype=torch.float32).eval()

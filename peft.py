@@ -277,8 +277,7 @@ def merge(model):
 
 def count_parameters(model):
     """(total, trainable); the total counts the fixed positional embedding, as the official code does."""
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def trainable_state_dict(model):

@@ -105,8 +105,7 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
                   f"no class names; give an id in 0..{num_classes - 1}")
         classes = [int(args.cls)]
     stem = "all" if args.cls == "all" else f"{classes[0]:05d}"
-    guidances = [default_guidance(model) if g == "default" else g for g in args.guidance]
-    out = output_path(args, "-".join([stem] + (["data"] if args.with_data else []) + guidances) + ".png")
+    out = output_path(args, "-".join([stem] + (["data"] if args.with_data else []) + args.guidance) + ".png")
     names = [hierarchy.class_names[c] if hierarchy is not None else f"class {c}" for c in classes]
     labels = torch.tensor(classes).repeat_interleave(args.n).to(device)
     blocks, titles = [], []
@@ -118,7 +117,7 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
         blocks.append(np.stack([dataset.read(j) if j is not None else blank for js in first
                                 for j in (js + [None] * args.n)[:args.n]]))
         titles.append("training images")
-    for guidance in guidances:
+    for guidance in args.guidance:
         torch.manual_seed(args.seed)
         blocks.append(generate(model, vae, labels, args, guidance))
         titles.append("no guidance" if guidance == "none" else f"{guidance} guidance, w={args.cfg_scale:g}")
@@ -142,8 +141,7 @@ def sample_bulk(model, vae, hierarchy, args, device, rank, world_size):
     for b in tqdm(range(rank, num_batches, world_size), disable=rank != 0, desc="batches"):
         indices = torch.arange(b * args.batch_size, min((b + 1) * args.batch_size, args.num_samples))
         torch.manual_seed(args.seed * num_batches + b)
-        guidance = None if args.guidance[0] == "default" else args.guidance[0]
-        images = generate(model, vae, (indices % num_classes).to(device), args, guidance, progress=False)
+        images = generate(model, vae, (indices % num_classes).to(device), args, args.guidance[0], progress=False)
         for i, image in zip(indices.tolist(), images):
             Image.fromarray(image).save(os.path.join(out, f"{i:06d}.png"))
     if world_size > 1:
@@ -193,16 +191,15 @@ def main(args):
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, args.vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
     model.to(device).eval()
+    args.guidance = [default_guidance(model) if g == "default" else g for g in args.guidance]
     vae = load_vae(args.vae, device) if args.vae not in (None, "none") else None
     cli.check(vae is None and model.in_channels != 3 and "this model works in the SD VAE's latent space: give --vae "
                                                          "(sd-vae-ft-ema)",
               vae is not None and vae.latent_channels != model.in_channels and f"--vae {args.vae} has "
               f"{vae.latent_channels} latent channels, the model takes {model.in_channels}: give the VAE it was "
               f"trained with")
-    if args.num_samples:
-        out = sample_bulk(model, vae, hierarchy, args, device, rank, world_size)
-    else:
-        out = sample_grid(model, vae, hierarchy, checkpoint, args, device)
+    out = (sample_bulk(model, vae, hierarchy, args, device, rank, world_size) if args.num_samples
+           else sample_grid(model, vae, hierarchy, checkpoint, args, device))
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

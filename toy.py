@@ -5,13 +5,11 @@ The toy experiment: what the papers do, in miniature, on a CPU, in one command (
     python toy.py --method lora          # another method on the same base (a finished base is reused)
     python toy.py --max-steps 300        # shorter (and a base of twice that)
 
-1. Pre-train a tiny DiT (DiT-T/2, 16 px, pixel space) from scratch on the toy set's source split (the role ImageNet
-   plays) for 2x --max-steps, into results/NNN-toy-base; a finished one is reused, an interrupted one resumed.
-2. Fine-tune it with --method on the target split (new fine classes, and a superclass the source never saw), into
-   results/NNN-toy-<method>, with a grid of samples every 100 steps.
-3. Draw every target class (training images, the method's own guidance, none) into samples/every-class.png and, for
-   a tiered label table, the t-SNE of Figure 7 into tsne.png.
-Every flag of train.py is taken and overrides the toy settings shown as defaults below.
+1. Pre-train a tiny DiT (DiT-T/2, 16 px, pixels) on the toy source split (ImageNet's role) for 2x --max-steps, into
+   results/NNN-toy-base; a finished one is reused, an interrupted one resumed.
+2. Fine-tune it with --method on the target split (new classes, a new superclass) into results/NNN-toy-<method>.
+3. Draw every target class (training images, the method's guidance, none) into its samples/every-class.png and,
+   for a tiered label table, Figure 7's t-SNE into tsne.png. Every flag of train.py is taken; defaults: the toy's.
 """
 import argparse
 import os

@@ -120,8 +120,7 @@ def check_args(args, world_size):
         args.latent_cache and args.vae == "none" and "--latent-cache holds VAE latents; with --vae none (pixel space) "
                                                      "there are none: drop it",
         args.latent_cache and data.cache_folder_problem(args.latent_cache))
-    if args.ckpt:
-        args.ckpt = find_checkpoint(args.ckpt, args.results_dir)
+    args.ckpt = args.ckpt and find_checkpoint(args.ckpt, args.results_dir)
     return args, resume, changed
 
 
@@ -194,7 +193,6 @@ class Meter:
     """Throughput and loss: a log line and a metrics.jsonl record every --log-every steps, and on a CPU, once and
     early, what the whole run will cost: after the first step if it took over 20 s (its own time is then the
     estimate), else over the steps after it (warm-up) until 5 steps or 20 s have passed."""
-
     def __init__(self, args, step, lr, device, log):
         self.args, self.lr, self.log, self.start = args, lr, log, step
         self.projected = device.type != "cpu"  # a GPU run shows its rate in the log lines; nothing to warn
@@ -291,7 +289,7 @@ def main(args):
                if rank == 0 else None]
     if world_size > 1:  # rank 0 decides, every rank learns it
         dist.broadcast_object_list(run_dir)
-    run_dir, log = run_dir[0], RunLog(run_dir[0], rank, tqdm.write)
+    run_dir, log = run_dir[0], RunLog(run_dir[0], rank)
     model.to(device)
     model.grad_checkpointing = args.grad_checkpointing
     diffusion = create_diffusion("")

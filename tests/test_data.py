@@ -300,6 +300,16 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, capsys):
     assert all(os.path.join(str(tmp_path), dataset.files[j]) in err for j in bad)
 
 
+def test_read_images_in_workers_yields_the_readable_ones(tmp_path):
+    write_tree_with_bad_images(tmp_path)
+    dataset, _ = data.load_dataset("folder", str(tmp_path), 16)
+    bad = [j for j, f in enumerate(dataset.files) if os.path.basename(f).startswith("2_")]
+    batches = list(data.read_images(dataset, batch_size=3, num_workers=2))
+    assert np.concatenate([j for j, _ in batches]).tolist() == [j for j in range(len(dataset.files)) if j not in bad]
+    assert all(np.array_equal(p, dataset.read(j)) for js, pixels in batches for j, p in zip(js, pixels.numpy()))
+    assert sorted(dataset.skipped) == sorted(dataset.files[bad].tolist())  # recorded in this process
+
+
 def test_each_bad_or_tiny_image_is_reported_once_per_run(tmp_path, capfd):
     """Two DataLoader workers, two epochs: one line for each unreadable file and for the 1x1 PNG that is upscaled."""
     write_tree_with_bad_images(tmp_path)

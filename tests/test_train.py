@@ -1,7 +1,6 @@
 """Training: exact resume, torchrun DDP on CPU, precision and checkpointing, bases of any shape, clear errors."""
 import glob
 import os
-import re
 import shutil
 import signal
 import subprocess

@@ -10,9 +10,10 @@ utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each m
 `--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
 runs read from their metrics.jsonl (`--runs results/*`).
 """
+import math
 import multiprocessing
 import os
-import resource
+import sys
 import time
 
 import numpy as np
@@ -97,6 +98,18 @@ def timed(fn, steps, device, warmup=3, desc=None):
         return (time.perf_counter() - start) / steps
 
 
+def peak_memory(device):
+    """Peak bytes of this process: CUDA's allocator, else the OS's resident high-water mark (ru_maxrss: KiB on
+    Linux, bytes on macOS); NaN where neither can be read (Windows has no `resource` module)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def train_step_worker(args, method, queue):
     """One method in its own process: seconds per training step and peak memory in GiB."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,9 +126,7 @@ def train_step_worker(args, method, queue):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, args.steps, device, desc=f"{method}: training steps")
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
-    queue.put((seconds, peak / 2**30))
+    queue.put((seconds, peak_memory(device) / 2**30))
 
 
 def sampling_throughput(args, device):

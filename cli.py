@@ -63,7 +63,9 @@ def number(kind=int, low=None, high=None, low_open=False):
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = number(int, 1), number(int, 0), number(float, 0.0, 1.0)
+SEED = number(int, 0, 2**32 - 1)  # what every RNG takes, with room for seed * world size + rank in 64 bits
 WORKERS = min(4, os.cpu_count() or 1)  # --num-workers: what the machine has, up to 4
+NUM_WORKERS = number(int, 0, 4 * (os.cpu_count() or 1))  # more only fork processes until memory runs out
 
 
 def new_file(path, flag=None, companions=()):

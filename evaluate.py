@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import WEIGHTS_HELP, find_checkpoint, read_label_table, run_folder
-from cli import NON_NEGATIVE, POSITIVE, WORKERS, new_file, number
+from cli import POSITIVE, WORKERS, new_file, number
 from data import load_dataset, read_images, read_json, to_tensor, toy_superclass_color
 from model import load_checked, load_state_dict_file
 
@@ -300,6 +300,8 @@ def feature_stats(features):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        return math.nan  # non-finite features (a diverged model's samples): NaN, never the best possible 0
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)  # S1^(1/2); round-off negative eigenvalues clipped to 0
     root1 = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
     middle = root1 @ sigma2 @ root1
@@ -606,7 +608,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--lpips-weights", nargs="+", required=True, help="alex.pth + alexnet-owt-7be5be79.pth, or one file")
     p.add_argument("--pairs-per-class", type=POSITIVE, default=10, help="random pairs of samples per class")
-    p.add_argument("--seed", type=int, default=0, help="which pairs")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="which pairs")
     for p in commands.choices["ref-stats"], commands.choices["fid"], commands.choices["lpips"]:
         p.add_argument("--device", default=device, help="where the networks run")
         p.add_argument("--batch-size", type=POSITIVE, default=50, help="images per forward pass")
@@ -618,7 +620,7 @@ def parse_args(argv=None):
         p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
     p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
     for p in commands.choices["ref-stats"], commands.choices["fid"], p:
-        p.add_argument("--num-workers", type=NON_NEGATIVE, default=WORKERS, help="image decoding workers")
+        p.add_argument("--num-workers", type=cli.NUM_WORKERS, default=WORKERS, help="image decoding workers")
     for p in commands.choices["fid"], commands.choices["lpips"]:
         p.add_argument("--method", help="row name in Table 1")
         p.add_argument("--results", help="JSON to merge the numbers into (read by `table`)")
@@ -631,7 +633,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="the PNG to write (none: tsne.png in the checkpoint's run folder)")
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
-    p.add_argument("--seed", type=int, default=0, help="t-SNE's starting positions")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="t-SNE's starting positions")
     p.add_argument("--size", type=POSITIVE, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
                    help="of the figure, in pixels")
     p.add_argument("--device", default=device, help="where t-SNE runs")

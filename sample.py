@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
     p.add_argument("--n", type=cli.POSITIVE, default=8, help="images of --class (per class with --class all)")
-    p.add_argument("--seed", type=int, default=0, help="the noise")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="the noise")
     p.add_argument("--cfg-scale", type=cli.number(float), default=4.0, help="guidance scale w of Eq. 1 (1: none)")
     p.add_argument("--guidance", nargs="+", default=["default"], choices=["default", "fine", "cfg", "none"],
                    help="fine: superclass guidance (Eq. 1); cfg: the null label; default: the model's own (fine for a "

@@ -68,8 +68,8 @@ def parse_args(argv=None, doc=__doc__, **defaults):
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
-    p.add_argument("--num-workers", type=cli.NON_NEGATIVE, default=cli.WORKERS, help="data loaders per rank")
-    p.add_argument("--seed", type=int, default=0, help="weights of new parameters, data order, noise")
+    p.add_argument("--num-workers", type=cli.NUM_WORKERS, default=cli.WORKERS, help="data loaders per rank")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="weights of new parameters, data order, noise")
     p.add_argument("--results-dir", default="results", help="where run folders are made")
     p.add_argument("--run-name", default=None,
                    help="the run folder is results-dir/NNN-<run-name> (none: model-method); --ckpt, --resume and the "

@@ -1,10 +1,13 @@
 """bench.py: Table 2 from peft's counts and the runs' metrics.jsonl, and a whole benchmark on a tiny config (it runs
 and reports every method; speed itself is never asserted)."""
 import json
+import math
 import os
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 from diffusion import SAMPLER_STEPS
@@ -61,3 +64,16 @@ def test_benchmark_on_a_tiny_config(capsys):
     assert [row[0][2:] for row in training] == list(METHODS)
     assert [row[0][2:] for row in sampling] == ["base"] + [m for m in METHODS if m != "full"]
     assert {row[0][2:]: int(row[1]) for row in samplers} == SAMPLER_STEPS  # model calls of each sampler
+
+
+def test_peak_memory_where_the_platform_can_tell(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS; without the `resource` module (Windows) the peak is NaN, not a
+    crash at import."""
+    usage = type("Usage", (), {"ru_maxrss": 1000})()
+    resource = type("Resource", (), {"RUSAGE_SELF": 0, "getrusage": staticmethod(lambda who: usage)})
+    monkeypatch.setitem(sys.modules, "resource", resource)
+    for platform, peak in (("linux", 1000 * 1024), ("darwin", 1000)):
+        monkeypatch.setattr(bench.sys, "platform", platform)
+        assert bench.peak_memory(torch.device("cpu")) == peak
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource raises ImportError
+    assert math.isnan(bench.peak_memory(torch.device("cpu")))

@@ -61,6 +61,9 @@ def test_frechet_distance_identical_symmetric_and_rank_deficient():
     shift = rng.normal(size=64)
     fid = E.frechet_distance(*E.feature_stats(few), *E.feature_stats(few + shift))
     assert fid == pytest.approx(shift @ shift, rel=1e-6)
+    broken = np.array(a)
+    broken[3, 5] = np.nan  # one non-finite feature: the distance is NaN, never the best possible 0
+    assert np.isnan(E.frechet_distance(*E.feature_stats(broken), *stats_b))
 
 
 # ---- FID per superclass (Table 1) ----

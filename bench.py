@@ -99,8 +99,7 @@ def timed(fn, steps, device, warmup=3, desc=None):
 
 
 def peak_memory(device):
-    """Peak bytes of this process: CUDA's allocator, else the OS's resident high-water mark (ru_maxrss: KiB on
-    Linux, bytes on macOS); NaN where neither can be read (Windows has no `resource` module)."""
+    """Peak bytes: CUDA's allocator's, else ru_maxrss (KiB on Linux, bytes on macOS); NaN without `resource`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
     try:

@@ -8,9 +8,8 @@ A run on disk: run folders and their names, the checkpoint format, and `load_mod
         metrics.jsonl                one JSON line per logged step: {step, loss, steps_per_s, images_per_s, lr, method}
         samples/                     grids and bulk samples, of the training and of sample.py
 
-A run's name stands for its newest folder, a folder for its newest checkpoint (`find_checkpoint`). A checkpoint of a
-method that freezes part of its base holds only what trained and names its base by path and by `fingerprint`, the
-sha256 of all its tensors; `load_model` rebuilds it: base -> peft.prepare -> trained tensors -> peft.merge.
+A name stands for its newest run, a run for its newest checkpoint (`find_checkpoint`). A delta (a method freezing part
+of its base) names its base by path and sha256 (`fingerprint`); `load_model`: base -> prepare -> tensors -> merge.
 """
 import dataclasses
 import glob
@@ -85,8 +84,7 @@ def as_checkpoint(contents, source):
 
 def read_checkpoint(path):
     """A train.py checkpoint file -> Checkpoint."""
-    checkpoint = as_checkpoint(load_state_dict_file(path), path)
-    if checkpoint is None:
+    if (checkpoint := as_checkpoint(load_state_dict_file(path), path)) is None:
         raise ValueError(f"{path} is not a checkpoint of train.py")
     return checkpoint
 
@@ -147,10 +145,9 @@ def read_label_table(path, weights="ema"):
 def rng_states(world_size):
     """Every rank's RNG states (CPU and CUDA), gathered so one file can resume all of them exactly."""
     state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
+    states = [state] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, state)
     return states
 
 

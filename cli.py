@@ -30,7 +30,8 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """The arguments, and in `given` the names of those the command line itself set (not left at a default)."""
         parsed = super().parse_args(args, namespace)
-        defaults = {action.dest: action.default for action in self._actions}
+        defaults, set_defaults = {action.dest: action.default for action in self._actions}, self._defaults
+        self._defaults = {}  # parsed again with no defaults at all: only what the command line set is left
         for action in self._actions:
             action.default = argparse.SUPPRESS
         try:
@@ -38,6 +39,7 @@ class Parser(argparse.ArgumentParser):
         finally:
             for action in self._actions:
                 action.default = defaults[action.dest]
+            self._defaults = set_defaults
         return parsed
 
 
@@ -111,11 +113,9 @@ class StopRequest:
     loop can finish its step, save and exit rather than die mid-step."""
     def __enter__(self):
         self.signum = None
-        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        request = lambda signum, frame: setattr(self, "signum", signum)
+        self.previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
-
-    def request(self, signum, frame):
-        self.signum = signum
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

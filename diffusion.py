@@ -266,10 +266,8 @@ def check_steps(name, steps):
 
 
 def run_sampler(name, model, x, steps=None, model_kwargs=None, progress=True):
-    """
-    x_T -> x_0 by sampler `name` in `steps` model calls (default SAMPLER_STEPS[name]): DDPM on `steps` evenly
-    respaced timesteps, DDIM on the "ddim{steps}" stride, DPM-Solver++ on the full chain at diffusers' timesteps.
-    """
+    """x_T -> x_0 by sampler `name` in `steps` model calls (default SAMPLER_STEPS[name]): DDPM on `steps` evenly
+    respaced timesteps, DDIM on the "ddim{steps}" stride, DPM-Solver++ on the full chain at diffusers' timesteps."""
     steps = steps or SAMPLER_STEPS[name]
     if name == "dpm++":
         return sample_dpm_solver(model, x, create_diffusion(""), model_kwargs, progress, steps=steps)

@@ -34,8 +34,7 @@ def parse_args(argv=None):
     p = cli.Parser(description=__doc__)
     p.add_argument("--class", dest="cls", default=None,
                    help="class id or name (scientific or common); 'all': a grid with one row per class")
-    p.add_argument("--ckpt", default=None, help="a checkpoint, a run folder or a run's name (none: the newest under "
-                                                "results/)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint, run folder or run name (none: the newest in results/)")
     p.add_argument("--list-classes", nargs="?", const="", default=None, metavar="TEXT",
                    help="print the classes (id, name, superclass) whose names contain TEXT, and stop")
     p.add_argument("--base", default=None, help="base checkpoint of a delta (default: the path it recorded)")
@@ -56,10 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--num-sampling-steps", type=int, default=None,
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
     p.add_argument("--num-samples", type=cli.NON_NEGATIVE, default=0, help="bulk: this many images over all classes")
-    p.add_argument("--batch-size", type=cli.POSITIVE, default=32,
-                   help="images sampled at once, per process (a grid of more is sampled in parts)")
-    p.add_argument("--out", default=None,
-                   help="the grid PNG, or the folder of a bulk run (none: in the samples/ folder of the run)")
+    p.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images sampled at once, per process")
+    p.add_argument("--out", default=None, help="the grid PNG, or a bulk run's folder (none: the run's samples/)")
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:
         args.num_sampling_steps = SAMPLER_STEPS[args.sampler]
@@ -71,8 +68,7 @@ def parse_args(argv=None):
 
 
 def output_path(args, name, companions=()):
-    """--out, or `name` in the samples/ folder of the checkpoint's run (of the working directory for a checkpoint
-    outside any run); never a path that is taken."""
+    """--out, or `name` in the samples/ folder of the checkpoint's run (or of '.'); never a path that is taken."""
     if args.out:
         return cli.new_file(args.out.rstrip("/"), "--out", companions)
     return cli.new_file(os.path.join(run_folder(args.ckpt) or ".", SAMPLES_DIR, name), companions=companions)

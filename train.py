@@ -71,15 +71,12 @@ def parse_args(argv=None, doc=__doc__, **defaults):
     p.add_argument("--num-workers", type=cli.NUM_WORKERS, default=cli.WORKERS, help="data loaders per rank")
     p.add_argument("--seed", type=cli.SEED, default=0, help="weights of new parameters, data order, noise")
     p.add_argument("--results-dir", default="results", help="where run folders are made")
-    p.add_argument("--run-name", default=None,
-                   help="the run folder is results-dir/NNN-<run-name> (none: model-method); --ckpt, --resume and the "
-                        "other scripts take the name for the newest such run")
+    p.add_argument("--run-name", default=None, help="the run folder is results-dir/NNN-<run-name> (none: "
+                                                    "model-method); the scripts take the name for its newest run")
     p.add_argument("--log-every", type=cli.POSITIVE, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=cli.POSITIVE, default=10_000, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=cli.NON_NEGATIVE, default=0,
-                   help="steps between grids of the EMA model's samples in the run folder's samples/ (0: none)")
-    p.add_argument("--resume", default=None,
-                   help="a checkpoint of this script to continue from (a run folder or name: its newest)")
+    p.add_argument("--sample-every", type=cli.NON_NEGATIVE, default=0, help="steps between sample grids (0: none)")
+    p.add_argument("--resume", default=None, help="a train.py checkpoint to continue (a run or name: its newest)")
     p.set_defaults(**defaults)
     return p.parse_args(argv)
 
@@ -224,21 +221,19 @@ class Meter:
 
 
 def build_model(args, resume, hierarchy, vae):
-    """The model to train, checked against the data and the VAE before anything slow follows -> (model prepared for
-    --method, its base's architecture, the base's identity where the checkpoints will hold a delta, prepare()'s
-    options). A resume rebuilds its run's model: the base, prepared, with the tensors it trained."""
+    """The model to train, checked against the data and the VAE -> (model prepared for --method, its base's
+    architecture, the base's identity where checkpoints hold a delta, prepare()'s options); a resume's is rebuilt."""
     channels, input_size = (3, args.image_size) if vae is None else (vae.latent_channels,
                                                                      args.image_size // vae.downsample_factor)
     options = dict(class_to_superclass=hierarchy.class_to_superclass, p_parent=args.p_parent,
                    num_superclasses=len(hierarchy.superclass_names),
                    **{name: getattr(args, name) for name in METHODS[args.method].options})
-    fields = ("class_names", "superclass_names", "class_to_superclass")
-    if resume and any(resume.hierarchy[k] != getattr(hierarchy, k) for k in fields):  # the table's rows: its classes
-        raise ValueError(f"--resume: the data at {args.data_path} now has {len(hierarchy.class_names)} classes in "
-                         f"{len(hierarchy.superclass_names)} superclasses, where the run trained on "
-                         f"{len(resume.hierarchy['class_names'])} in {len(resume.hierarchy['superclass_names'])} (or "
-                         f"other names or order). Resume on the data as it was, or fine-tune anew from this "
-                         f"checkpoint (--ckpt {args.resume})")
+    classes = [hierarchy.class_names, hierarchy.superclass_names, hierarchy.class_to_superclass]  # the table's rows
+    trained = resume and [resume.hierarchy[k] for k in ("class_names", "superclass_names", "class_to_superclass")]
+    cli.check(trained and trained != classes and f"--resume: the data at {args.data_path} now has {len(classes[0])} "
+              f"classes in {len(classes[1])} superclasses, where the run trained on {len(trained[0])} in "
+              f"{len(trained[1])} (or other names or order). Resume on the data as it was, or fine-tune anew from "
+              f"this checkpoint (--ckpt {args.resume})")
     if resume:
         model, _ = load_model(args.resume, args.ckpt if "ckpt" in args.given else None, weights="raw", merged=False)
         dit_config, base = resume.dit, resume.base

@@ -10,6 +10,7 @@ import bench
 import cli
 import evaluate
 import sample
+import toy
 import train
 from conftest import ROOT
 
@@ -145,3 +146,10 @@ def test_under_torchrun_a_mistake_is_said_once(toy_runs, tmp_path):
 def test_durations_read_as_people_say_them():
     assert [cli.duration(s) for s in (40, 420, 5 * 3600 + 12 * 60, 86400 + 3 * 3600, 3 * 86400 + 4 * 3600)] == [
         "40 s", "7 min", "5 h 12 min", "1 day 3 h", "3 days 4 h"]
+
+
+def test_given_flags_are_those_of_the_command_line():
+    """`given` names what the command line set, not defaults, not even those a script sets (toy.py's settings)."""
+    args = toy.parse_args(["--method", "lora", "--seed", "3"])
+    assert args.given == ["method", "seed"] and (args.model, args.image_size, args.lr) == ("DiT-T/2", 16, 1e-2)
+    assert train.parse_args([]).given == [] and train.parse_args(["--model", "DiT-T/2"]).given == ["model"]

@@ -296,8 +296,9 @@ def main(args):
 
     # the optimizer, the EMA and the step: fresh, or where the resumed run left them
     lr = args.lr or METHODS[args.method].lr
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
-    ema = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}  # all the optimizer and EMA see
+    opt = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=0)
+    ema = {name: p.detach().float().clone() for name, p in trained.items()}
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = 0
     if resume:
@@ -316,7 +317,7 @@ def main(args):
             log("changed on resume: " + ", ".join(f"{cli.flag(k)} {old} -> {new}" for k, (old, new) in changed.items()))
     ddp_model = DDP(model, device_ids=[device] if cuda else None) if world_size > 1 else model
     network = torch.compile(ddp_model) if args.compile else ddp_model
-    trained, averaged = [p for p in model.parameters() if p.requires_grad], list(ema.values())
+    trained, averaged = list(trained.values()), [ema[name] for name in trained]
 
     # the training loop
     model.train()

@@ -12,15 +12,17 @@ A name stands for its newest run, a run for its newest checkpoint (`find_checkpo
 of its base) names its base by path and sha256 (`fingerprint`); `load_model`: base -> prepare -> tensors -> merge.
 """
 import dataclasses
+import difflib
 import glob
 import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import fingerprint, remove_stale_temporaries
+from data import LOCK_FILE, Lock, fingerprint, remove_temporaries
 from model import LABEL_TABLE_KEY, DiT, dit_state_dict, load_dit, load_state_dict_file
 from peft import merge, prepare, trainable_state_dict
 
@@ -60,11 +62,30 @@ class Checkpoint:
 
 
 def save_checkpoint(path, checkpoint):
-    """Write a Checkpoint atomically: into a temporary file of this process, then renamed (a kill never tears it)."""
+    """Write a Checkpoint atomically: into a temporary file, then renamed (a kill never tears it; the run's lock
+    holder removes what a killed writer left). A write that fails (a full disk) leaves nothing behind and says how
+    much it needed: the files written before it are untouched."""
     contents = dict(format=FORMAT, **{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(contents, tmp)
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(contents, tmp)
+    except (OSError, RuntimeError) as error:  # torch reports a short write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        size = sum(t.numel() * t.element_size() for t in tensors_of(contents)) / 2**20
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        raise OSError(f"could not write {path} ({str(error).splitlines()[0]}): it needs about {size:,.0f} MiB and "
+                      f"its disk has {free:,.0f} MiB free. Nothing was left half-written; earlier checkpoints are "
+                      f"untouched, so the run resumes from its newest once there is space") from None
     os.replace(tmp, path)
+
+
+def tensors_of(contents):
+    """Every tensor in nested dicts and lists."""
+    if torch.is_tensor(contents):
+        return [contents]
+    values = contents.values() if isinstance(contents, dict) else contents if isinstance(contents, (list, tuple)) else []
+    return [t for value in values for t in tensors_of(value)]
 
 
 def as_checkpoint(contents, source):
@@ -106,7 +127,10 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
     contents = load_state_dict_file(path)
     checkpoint = as_checkpoint(contents, path)
     if checkpoint is None:
-        return load_dit(contents, path, input_size, class_to_superclass, num_heads, weights), None
+        return finite(load_dit(contents, path, input_size, class_to_superclass, num_heads, weights), path), None
+    if num_heads and num_heads != checkpoint.dit["num_heads"]:
+        raise ValueError(f"{path} records its model's {checkpoint.dit['num_heads']} attention heads, and "
+                         f"{num_heads} were asked for: leave the heads unset for this file")
     if checkpoint.base is None:
         model = DiT(**checkpoint.dit)
     else:
@@ -126,7 +150,16 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
         raise ValueError(f"{path}: its tensors do not match method {checkpoint.method}: missing "
                          f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
     model.load_state_dict(tensors, strict=False)
-    return (merge(model) if merged else model).resize(input_size), checkpoint
+    return finite(merge(model) if merged else model, path).resize(input_size), checkpoint
+
+
+def finite(model, path):
+    """The model, if its every weight is finite (a checkpoint saved after training diverged is not)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}, ...): it is "
+                         f"no usable model (saved after its training diverged?); take an earlier checkpoint")
+    return model
 
 
 def read_label_table(path, weights="ema"):
@@ -198,11 +231,17 @@ def run_folder(path):
 
 
 def named_runs(name, results_dir="results"):
-    """The run folders results_dir/NNN-<name>, newest (highest number) first."""
-    if not os.path.isdir(results_dir):
-        return []
-    runs = [e for e in os.listdir(results_dir) if e.split("-", 1)[0].isdigit() and e.split("-", 1)[1:] == [name]]
-    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))]
+    """The run folders results_dir/NNN-<name> that hold a checkpoint, newest (highest number) first: a run killed
+    before its first checkpoint is left out (its folder, with what it logged, is kept)."""
+    runs = [e for e in run_names(results_dir) if e.split("-", 1)[1] == name]
+    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))
+            if saved_checkpoints(os.path.join(results_dir, e))]
+
+
+def run_names(results_dir):
+    """The names of the run folders NNN-<name> in results_dir."""
+    listed = os.listdir(results_dir) if os.path.isdir(results_dir) else []
+    return [e for e in listed if e.split("-", 1)[0].isdigit() and "-" in e]
 
 
 def find_checkpoint(path=None, results_dir="results"):
@@ -214,24 +253,48 @@ def find_checkpoint(path=None, results_dir="results"):
             raise FileNotFoundError(f"no checkpoint under {results_dir}/: train one (python toy.py) or give one")
         return max(found, key=os.path.getmtime)
     if not os.path.exists(path):
-        path = next(iter(named_runs(path, results_dir)), path)
+        runs = named_runs(path, results_dir)
+        if not runs:
+            names = sorted({e.split("-", 1)[1] for e in run_names(results_dir)})
+            close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+            raise FileNotFoundError(f"{path}: no checkpoint file, run folder or run name with a checkpoint in "
+                                    f"{results_dir}/" + (f"; did you mean {', '.join(close)}?" if close else
+                                                         f" (its runs: {', '.join(names[:8]) or 'none'})"))
+        path = runs[0]
     if not os.path.isdir(path):
         return path
     saved = saved_checkpoints(path)
     if not saved:
-        raise FileNotFoundError(f"{path} is a folder but no run folder of train.py: it has no {CHECKPOINTS_DIR}/*.pt")
+        raise FileNotFoundError(f"{path} holds no checkpoint ({CHECKPOINTS_DIR}/*.pt): not a run folder of train.py, "
+                                f"or a run stopped before its first checkpoint")
     return saved[-1]
 
 
+def continued_run(resume):
+    """The run folder a resume from the checkpoint `resume` writes on in: its run's, where it is that run's newest
+    checkpoint; None where the resume branches into a new folder (an earlier or copied checkpoint: no checkpoint is
+    ever overwritten)."""
+    folder = run_folder(resume)
+    return folder if folder and os.path.samefile(find_checkpoint(folder), resume) else None
+
+
+def lock_run(folder):
+    """The Lock by which one process at a time writes a run folder (taken: a ValueError naming the process)."""
+    return Lock(os.path.join(folder, LOCK_FILE), f"the run {folder}")
+
+
 def open_run(results_dir, name, resume=None):
-    """The folder a run writes into: a resume from its run's newest checkpoint writes on there (its stale
-    temporaries removed); a new run, or a resume from an earlier or copied checkpoint (a branch: no checkpoint is
-    ever overwritten), gets a new folder in results_dir."""
-    old_run = run_folder(resume) if resume else None
-    if old_run and os.path.samefile(find_checkpoint(old_run), resume):
-        remove_stale_temporaries(os.path.join(glob.escape(old_run), CHECKPOINTS_DIR, "*.pt.*.tmp"))
-        return old_run
-    return create_run_folder(results_dir, name)
+    """The folder a run writes into, locked by this process, so that no two processes write one run -> its Lock
+    (.path: folder/lock): the run a resume continues (what a killed writer left half-written is removed), or a new
+    results_dir/NNN-<name>."""
+    folder = continued_run(resume) if resume else None
+    if folder:
+        lock = lock_run(folder)
+        if continued_run(resume) == folder:  # (still its newest checkpoint, now that no other process writes there)
+            remove_temporaries(os.path.join(glob.escape(folder), CHECKPOINTS_DIR, "*.tmp"))
+            return lock
+        lock.release()
+    return lock_run(create_run_folder(results_dir, name))
 
 
 class RunLog:

@@ -9,6 +9,7 @@ file, a key, a class); `run` prints that message once (by rank 0 under torchrun)
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 
@@ -77,16 +78,32 @@ def new_file(path, flag=None, companions=()):
     taken = lambda p: any(os.path.exists(p + suffix) for suffix in ("",) + tuple(companions))
     if flag and taken(path):
         raise ValueError(f"{flag} {path} exists and is not overwritten: give a new path, or move the old one away")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # the folders are made when written: the nearest one that exists must be one
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag or 'the output'} {path}: {folder} is a file, not a folder")
+    writable_folder(os.path.dirname(os.path.abspath(path)), flag or "the output")  # (made when written)
     stem, ext = os.path.splitext(path)
     k = 0
     while taken(path):
         k += 1
         path = f"{stem}-{k}{ext}"
+    return path
+
+
+def plain_name(name, flag):
+    """A name that becomes one folder name (a run's): letters, digits and . _ + -, not starting with a dot."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*", name):
+        raise ValueError(f"{flag} {name!r}: a name must be one plain folder name (letters, digits, . _ + -, not "
+                         f"starting with a dot), e.g. my-run")
+    return name
+
+
+def writable_folder(path, flag):
+    """Refuse, before any slow work, a folder (made when written) that cannot be made or written to: its nearest
+    existing folder is checked."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    check(not os.path.isdir(folder) and f"{flag} {path}: {folder} is a file, not a folder: give a folder (made if missing)",
+          not os.access(folder, os.W_OK) and f"{flag} {path}: {folder} is not writable (read-only, or not yours): "
+                                              f"give a folder you can write to")
     return path
 
 
@@ -127,20 +144,50 @@ def is_rank_zero():
     return os.environ.get("RANK", "0") == "0"
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def by_rank_zero(work):
+    """work() done by rank 0 alone (a file written, a folder locked) -> its result there, None on the other ranks.
+    A ValueError or OSError it raises is raised on every rank, so that all leave together; none waits on a rank gone."""
+    result, failure = None, [None]
+    if not distributed() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except (ValueError, OSError) as error:
+            failure = [error]
+    if distributed():
+        dist.broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise failure[0]
+    return result
+
+
+def shared(value):
+    """Rank 0's value, on every rank."""
+    if distributed():
+        dist.broadcast_object_list(box := [value])
+        value = box[0]
+    return value
+
+
 def run(main):
-    """A script's entry point: main() -> its result. A ValueError or FileNotFoundError (what is wrong with an input),
-    or a SystemExit with a message, is printed once as one line, and every rank leaves its process group and exits
-    with code 1; Ctrl-C outside a loop that handles it exits with 130. A traceback is a bug of ours."""
+    """A script's entry point: main() -> its result. A ValueError (what is wrong with an input), an OSError (a file
+    missing or unreadable, a disk full), or a SystemExit with a message, is printed once as one line, and every rank
+    leaves its process group and exits with code 1; Ctrl-C outside a loop that handles it exits with 130. A traceback
+    is a bug of ours."""
     try:
         return main()
-    except (ValueError, FileNotFoundError, SystemExit, KeyboardInterrupt) as error:
+    except (ValueError, OSError, SystemExit, KeyboardInterrupt) as error:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         if isinstance(error, SystemExit) and not isinstance(error.code, str):
             raise
         interrupted = isinstance(error, KeyboardInterrupt)
-        message = "interrupted: what was saved is kept" if interrupted else str(error.code if isinstance(
-            error, SystemExit) else error)
+        message = ("interrupted: what was saved is kept" if interrupted else error.code if isinstance(error, SystemExit)
+                   else f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename
+                   else str(error))
         if is_rank_zero():
             print(" ".join(message.split("\n")), file=sys.stderr)
         raise SystemExit(130 if interrupted else 1) from None

@@ -23,8 +23,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import warnings
 import weakref
 
@@ -40,7 +42,9 @@ VEGFRU_SOURCE = "get VegFru from https://github.com/ustc-vim/vegfru"
 
 
 def read_json(path):
-    """A JSON file a user gave; a file that does not parse is a ValueError that names it."""
+    """A JSON file a user gave; a folder, or a file that does not parse, is a ValueError that names it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: a JSON file is expected here")
     with open(path) as f:
         try:
             return json.load(f)
@@ -297,6 +301,8 @@ def load_folder(root, image_size, hflip=True):
 # iNaturalist 2021. The JSON (COCO-style: images, annotations, categories with name, common_name, supercategory,
 # kingdom..specific_epithet, image_dir_name) is authoritative; without it, the folder names' taxonomy gives both.
 
+INAT_JSON_KEYS = dict(images=("id", "file_name"), annotations=("image_id", "category_id"),
+                      categories=("id", "name", "supercategory"))
 INAT_SUPERCLASS_OF_CLASS = {"Insecta": "Insects", "Aves": "Birds", "Reptilia": "Reptiles", "Mammalia": "Mammals",
                             "Actinopterygii": "Ray-finned Fishes", "Amphibia": "Amphibians", "Arachnida": "Arachnids"}
 
@@ -316,11 +322,9 @@ def inat_category(dir_name):
 
 
 def inat_hierarchy(categories):
-    """Hierarchy from the JSON's categories, in category-id order; superclasses sorted by name."""
+    """Hierarchy from the JSON's categories (checked: id, name, supercategory), in category-id order; superclasses
+    sorted by name."""
     categories = sorted(categories, key=lambda c: c["id"])
-    missing = {k for c in categories for k in ("id", "name", "supercategory") if k not in c}
-    if missing:
-        raise ValueError(f"iNat categories lack {sorted(missing)}: expected iNat 2021's train_mini.json/val.json")
     superclass_names = sorted({c["supercategory"] for c in categories})
     return Hierarchy([c["name"] for c in categories], superclass_names,
                      [superclass_names.index(c["supercategory"]) for c in categories],
@@ -346,9 +350,17 @@ def load_inat(root, split, image_size, hflip=True):
         return dataset, inat_hierarchy(categories)
 
     meta = read_json(json_path)
-    if "annotations" not in meta:
+    if isinstance(meta, dict) and "annotations" not in meta:
         raise ValueError(f"{json_path} has no annotations (iNat's test split is unlabelled): "
                          "use train_mini, train or val")
+    for part, needed in INAT_JSON_KEYS.items():  # the structure, before anything is looked up in it
+        entries = meta.get(part) if isinstance(meta, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{json_path}: expected iNat 2021's JSON, which has a list {part!r} ({INAT_SOURCE})")
+        lacking = next((e for e in entries if not (isinstance(e, dict) and set(needed) <= set(e))), None)
+        if lacking is not None:
+            raise ValueError(f"{json_path}: every entry of {part!r} needs the keys {list(needed)}; one is "
+                             f"{str(lacking)[:100]} ({INAT_SOURCE})")
     categories = sorted(meta["categories"], key=lambda c: c["id"])
     hierarchy = inat_hierarchy(categories)
     dir_names = [c.get("image_dir_name", "") for c in categories]
@@ -365,6 +377,13 @@ def load_inat(root, split, image_size, hflip=True):
                       f"derived from their folder names (using the JSON's): " + "; ".join(mismatches[:5]))
     label_of_category = {c["id"]: i for i, c in enumerate(categories)}
     category_of_image = {a["image_id"]: a["category_id"] for a in meta["annotations"]}
+    unknown = sorted(set(category_of_image.values()) - set(label_of_category), key=str)
+    unlabelled = [im["id"] for im in meta["images"] if im["id"] not in category_of_image]
+    if unknown or unlabelled:
+        raise ValueError(f"{json_path} is inconsistent: " + "; ".join(
+            ([f"annotations name {len(unknown)} categories it does not define (ids {unknown[:3]})"] if unknown else [])
+            + ([f"{len(unlabelled)} images have no annotation (ids {unlabelled[:3]})"] if unlabelled else []))
+            + f": use the JSON of the release as distributed ({INAT_SOURCE})")
     files = [im["file_name"] for im in meta["images"]]
     prefix = "" if files and files[0].startswith(split + "/") else split  # file_name is 'train_mini/<dir>/<id>.jpg'
     labels = [label_of_category[category_of_image[im["id"]]] for im in meta["images"]]
@@ -490,37 +509,92 @@ def draw_toy_image(superclass, variant, rng, size):
     return Image.fromarray((pixels + rng.normal(0, 3, pixels.shape)).round().clip(0, 255).astype(np.uint8))
 
 
-def remove_stale_temporaries(pattern):
-    """Remove the files or folders matching `pattern` named <what>.<pid>.tmp whose process no longer runs: what a
-    kill leaves of a write that renames its temporary into place (toy sets here, checkpoints in train.py)."""
+# -----------------------------------------------------------------------------------------------------------
+# One writer at a time. What a process writes over minutes (a run folder, a toy set, a latent cache) it holds with
+# an OS file lock: flock on Linux and macOS, msvcrt on Windows. The OS releases a lock when its process ends, however it
+# ends, so a killed writer's lock is free at once and a live one's never is; no process table is read. While it holds
+# the lock, the writer knows any temporary file there is a dead writer's and removes it.
+
+LOCK_FILE = "lock"  # the lock's name in a folder it guards (a run folder, a latent cache)
+
+
+class Lock:
+    """An exclusive lock on the file `path`, held by this process until release() or its end; `what` names the thing
+    it guards. Another process holding it: a ValueError that names that process (the lock file says who holds it)."""
+    def __init__(self, path, what):
+        self.path = path
+        while True:
+            self.file = open(path, "a+")
+            try:
+                lock_file(self.file)
+            except OSError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise ValueError(f"{what} is in use by {holder} (lock {path}): one process writes it at a time; wait "
+                                 f"for that one to end, or stop it") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(self.file.fileno()), os.stat(path)):
+                break
+            self.file.close()  # the holder before us removed this file as we opened it: lock the one there now
+        self.file.truncate(0)
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}")
+        self.file.flush()
+
+    def release(self):
+        """Free the lock; the file goes first (while still held), so that no one locks a file about to vanish."""
+        try:
+            os.remove(self.path)
+        except OSError:  # Windows removes no open file: it stays, unlocked
+            pass
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_file(file):
+    """Lock an open file for this process, or raise OSError at once if another holds it."""
+    if os.name == "nt":
+        import msvcrt
+        file.seek(2**20)  # a byte far past the holder's name, which stays readable
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_temporaries(pattern):
+    """Remove the files or folders matching `pattern`: a killed writer's temporaries, called by the lock's holder."""
     for path in glob.glob(pattern):
-        pid = path.rsplit(".", 2)[-2]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
     """The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version> (source/, target/),
     made once beside those of other settings and never deleted. Drawn into a temporary folder of this process and
     renamed into place when complete: a kill mid-way leaves nothing a later run would read (the next generation
-    removes the temporary), and of two processes generating at once both read the one renamed first."""
+    removes the temporary). One process draws a set at a time (a Lock); another asking for it meanwhile is refused."""
     folder = os.path.join(root, f"{image_size}px-seed{seed}-n{images_per_class}-v{TOY_VERSION}")
     if os.path.isdir(folder):
         return folder
     os.makedirs(root, exist_ok=True)
-    remove_stale_temporaries(os.path.join(root, ".*.tmp"))  # interrupted generations
-    tmp = os.path.join(root, f".{os.path.basename(folder)}.{os.getpid()}.tmp")
-    for split, classes in TOY_SPLITS.items():
-        for s, v in tqdm(classes, desc=f"toy {split}", leave=False):
-            class_folder = os.path.join(tmp, split, TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}")
-            os.makedirs(class_folder, exist_ok=True)
-            for n in range(images_per_class):
-                rng = np.random.default_rng([seed, s, v, n])  # one stream per image: any image regenerates alone
-                draw_toy_image(s, v, rng, image_size).save(os.path.join(class_folder, f"{n:04d}.png"))
-    try:
+    tmp = os.path.join(root, f".{os.path.basename(folder)}.tmp")
+    with Lock(tmp + ".lock", f"the toy set {folder}"):
+        if os.path.isdir(folder):  # drawn by the process that held the lock just before
+            return folder
+        remove_temporaries(tmp)  # a killed generation's
+        for split, classes in TOY_SPLITS.items():
+            for s, v in tqdm(classes, desc=f"toy {split}", leave=False):
+                class_folder = os.path.join(tmp, split, TOY_SUPERCLASSES[s][0],
+                                            f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}")
+                os.makedirs(class_folder, exist_ok=True)
+                for n in range(images_per_class):
+                    rng = np.random.default_rng([seed, s, v, n])  # one stream per image: any image regenerates alone
+                    draw_toy_image(s, v, rng, image_size).save(os.path.join(class_folder, f"{n:04d}.png"))
         os.rename(tmp, folder)
-    except OSError:  # another process renamed its copy first: the same pixels, ours goes
-        shutil.rmtree(tmp)
     return folder
 
 
@@ -603,7 +677,8 @@ def cache_folder_problem(cache_dir):
     own: one that holds other files (a mistyped data path, say) is refused, so nothing of the user's is written over."""
     if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
         return f"{cache_dir} is a file, not a folder for a latent cache: give a new or empty folder"
-    if os.path.isdir(cache_dir) and os.listdir(cache_dir) and not os.path.isfile(os.path.join(cache_dir, "meta.json")):
+    if set(os.listdir(cache_dir) if os.path.isdir(cache_dir) else []) - {"meta.json", LOCK_FILE} and not \
+            os.path.isfile(os.path.join(cache_dir, "meta.json")):
         return f"{cache_dir} holds other files and no latent cache (no meta.json): give a new or empty folder for it"
     return None
 
@@ -617,8 +692,14 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
                   num_images=len(dataset.files), image_size=dataset.image_size, hflip=dataset.hflip,
                   vae=fingerprint(vae.state_dict()), scaling_factor=float(vae.scaling_factor),
                   dtype=np.dtype(dtype).name)
-    # rank 0 decides: "ready" (reuse), "build", or why the cache is refused
-    state = (cache_folder_problem(cache_dir) or "build") if rank == 0 else None
+    # rank 0 decides, holding the cache's lock: "ready" (reuse), "build", or why the cache is refused
+    state, lock = (cache_folder_problem(cache_dir) or "build") if rank == 0 else None, None
+    if state == "build":
+        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            lock = Lock(os.path.join(cache_dir, LOCK_FILE), f"the latent cache {cache_dir}")
+        except ValueError as busy:  # being built by another process
+            state = str(busy)
     if state == "build" and os.path.isfile(meta_path):
         found = read_json(meta_path)
         differs = [k for k in wanted if found.get(k) != wanted[k]]
@@ -633,12 +714,12 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     if state not in ("ready", "build"):
         raise ValueError(state)
     if state == "ready":
+        lock and lock.release()
         return LatentDataset(cache_dir)
 
     device = next(vae.parameters()).device
     flips = 2 if dataset.hflip else 1
     if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
         size = dataset.image_size
         latent_shape = tuple(vae.encode(torch.zeros(1, 3, size, size, device=device)).mean.shape[1:])  # (C, h, w)
         with open(meta_path, "w") as f:
@@ -672,6 +753,7 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
         if report:
             print(f"latent cache: skipped {len(report)} unreadable images (listed in {meta_path}): "
                   + "; ".join(f"{f} ({why})" for _, f, why in report[:5]), file=sys.stderr)
+        lock.release()
     if world_size > 1:
         dist.barrier()
     return LatentDataset(cache_dir)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -38,6 +39,7 @@ from model import load_checked, load_state_dict_file
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
                     "download/fid_weights/pt_inception-2015-12-05-6726825d.pth")
+LPIPS_MIN_SIZE = 32  # px: smaller images vanish in AlexNet before its last layers
 LPIPS_SOURCE = ("LPIPS v0.1 (alex) is two files: the linear heads `lpips/weights/v0.1/alex.pth` of the lpips package "
                 "(github.com/richzhang/PerceptualSimilarity) and torchvision's AlexNet "
                 "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth; pass both, or one file saved with "
@@ -331,7 +333,7 @@ def read_class_map(class_map):
 def read_image_npz(path, class_map=None):
     """An .npz of images -> dict(images (N, H, W, 3) uint8, labels, superclass_labels, superclass_names,
     class_names); a missing array is None. The pixels are read into memory (50,000 samples at 256 px: 9.8 GB)."""
-    with np.load(path) as f:
+    with open_npz(path, "arr_0") as f:
         data = {key: f.get(key) for key in ("labels", "superclass_labels", "superclass_names", "class_names")}
         data["images"] = images = f["arr_0"]
     cli.check((images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8)
@@ -392,9 +394,23 @@ def save_statistics(path, stats):
 def load_statistics(path):
     """The statistics in an .npz written by save_statistics (`ref-stats`); None for any other file."""
     if os.path.isfile(path) and str(path).endswith(".npz"):
-        with np.load(path) as f:
+        with open_npz(path) as f:
             if "mu" in f:
                 return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
+
+
+def open_npz(path, *required):
+    """np.load of an .npz a user gave, which holds the arrays `required`; a truncated or foreign file says so."""
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        if missing := [name for name in required if name not in f.files]:
+            f.close()
+            raise ValueError(f"it has no {missing[0]} (it holds {f.files[:6]})")
+        return f
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz of the kind expected ({e}): write it again") from None
 
 
 def fid_by_superclass(sample_stats, reference_stats):
@@ -611,11 +627,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.SEED, default=0, help="which pairs")
     for p in commands.choices["ref-stats"], commands.choices["fid"], commands.choices["lpips"]:
         p.add_argument("--device", default=device, help="where the networks run")
-        p.add_argument("--batch-size", type=POSITIVE, default=50, help="images per forward pass")
+        p.add_argument("--batch-size", type=number(int, 1, 4096), default=50, help="images per forward pass")
         p.add_argument("--class-map", help="fine -> superclass JSON, if the .npz does not hold it")
     for p in commands.choices["ref-stats"], commands.choices["fid"]:
         p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
-        p.add_argument("--image-size", type=POSITIVE, default=256, help="centre-crop size of data set images")
+        p.add_argument("--image-size", type=number(int, 8, 2048), default=256, help="centre-crop size of data set "
+                                                                                       "images")
         p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
         p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
     p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
@@ -634,14 +651,14 @@ def parse_args(argv=None):
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0, help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
     p.add_argument("--seed", type=cli.SEED, default=0, help="t-SNE's starting positions")
-    p.add_argument("--size", type=POSITIVE, nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
+    p.add_argument("--size", type=number(int, 200, 10_000), nargs=2, default=[1400, 1000], metavar=("WIDTH", "HEIGHT"),
                    help="of the figure, in pixels")
     p.add_argument("--device", default=device, help="where t-SNE runs")
     p = commands.choices["data"]
     p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
     p.add_argument("--data-path", help="dataset root (toy: where to generate it, default cache/toy)")
     p.add_argument("--split", help="inat: train_mini/train/val; vegfru: train/val/test/trainval; toy: source/target")
-    p.add_argument("--image-size", type=POSITIVE, default=32, help="centre-crop size")
+    p.add_argument("--image-size", type=number(int, 8, 2048), default=32, help="centre-crop size")
     p.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
     p.add_argument("--save-hierarchy", help="write the class hierarchy to this JSON file")
     return parser.parse_args(argv)
@@ -654,8 +671,12 @@ def main(argv=None):
     out = None if args.command not in ("ref-stats", "tsne") else args.out and new_file(args.out, "--out")
     cli.check(*(f"--{flag} {getattr(args, flag)}: no such file or folder" for flag in ("samples", "ref")
                 if getattr(args, flag, None) is not None and not os.path.exists(getattr(args, flag))))
-    if args.command in ("fid", "lpips") and args.results and os.path.isfile(args.results):
-        read_json(args.results)
+    if args.command in ("fid", "lpips") and args.results:  # merged into after the metric: checked before it
+        cli.check(os.path.isdir(args.results) and f"--results {args.results} is a folder: give a JSON file (new, or "
+                                                   f"one of evaluate.py's results to add to)",
+                  os.path.isfile(args.results) and not isinstance(read_json(args.results), dict) and f"--results "
+                  f"{args.results} holds JSON that is no results object of evaluate.py: give such a file, or a new path")
+        cli.writable_folder(os.path.dirname(os.path.abspath(args.results)), "--results")
     if args.command in ("ref-stats", "fid"):
         inception = load_inception(args.inception, args.device)
         options = {k: getattr(args, k) for k in ("image_size", "class_map", "batch_size", "num_workers", "device")}
@@ -671,10 +692,13 @@ def main(argv=None):
         if missing := sorted(set(sample_stats) - set(fids)):
             print(f"no reference images for {missing} (the reference has {list(reference)})")
     elif args.command == "lpips":
-        lpips = load_lpips(args.lpips_weights, args.device)
         samples = read_image_npz(args.samples, args.class_map)
         cli.check(samples["labels"] is None and f"{args.samples} has no `labels`: LPIPS diversity pairs samples of "
-                                                f"the same class")
+                                                f"the same class",
+                  min(samples["images"].shape[1:3]) < LPIPS_MIN_SIZE and f"{args.samples}: its images are "
+                  f"{samples['images'].shape[2]}x{samples['images'].shape[1]} px, and LPIPS's AlexNet needs at least "
+                  f"{LPIPS_MIN_SIZE} px (its stride-4 first layer and two poolings): sample at a larger size")
+        lpips = load_lpips(args.lpips_weights, args.device)
         values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
                                  samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
                                  args.device)

@@ -365,6 +365,8 @@ def dit_state_dict(checkpoint, weights="ema"):
     """The DiT weights a file holds: of a training checkpoint ({"model", "ema"}) the EMA ones, or the trained ones
     themselves with weights="raw"; a plain state dict is the one set there is."""
     keys = ("ema", "model") if weights == "ema" else ("model", "ema")
+    if not isinstance(checkpoint, dict):
+        return checkpoint  # (read_dit_shape says what it is)
     return next((checkpoint[k] for k in keys if k in checkpoint and isinstance(checkpoint[k], dict)), checkpoint)
 
 
@@ -375,11 +377,12 @@ def heads_for_width(hidden_size):
     return by_width.get(hidden_size, max(1, hidden_size // 64))
 
 
-def read_dit_shape(state_dict):
+def read_dit_shape(state_dict, source="this file"):
     """What a DiT state dict's tensor shapes say about its architecture (heads by heads_for_width)."""
     if not isinstance(state_dict, dict) or "x_embedder.proj.weight" not in state_dict:
-        keys = list(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise ValueError(f"this is not a DiT checkpoint: it has no x_embedder.proj.weight (it holds {keys})")
+        keys = f"keys {list(state_dict)[:5]}" if isinstance(state_dict, dict) else f"a {type(state_dict).__name__}"
+        raise ValueError(f"{source} is not a DiT checkpoint: it holds {keys}, not a state dict with "
+                         f"x_embedder.proj.weight. {DIT_SOURCE}")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     grid = state_dict["pos_embed"].shape[1] ** 0.5 if "pos_embed" in state_dict else None  # fixed: may be left out
@@ -427,10 +430,13 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
     state_dict = dit_state_dict(checkpoint, weights)
-    shape = read_dit_shape(state_dict)
+    shape = read_dit_shape(state_dict, source)
     if not (input_size or shape["input_size"]):
         raise ValueError(f"{source} holds no pos_embed, so its grid size is unknown: give the input size to load it")
     config = dict(shape, input_size=shape["input_size"] or input_size, num_heads=num_heads or shape["num_heads"])
+    if shape["hidden_size"] % config["num_heads"]:
+        raise ValueError(f"{source}: its width {shape['hidden_size']} does not split into {config['num_heads']} heads; "
+                         f"the number of heads must divide it (DiT-XL/2: 16 heads of 72)")
     rows = config.pop("table_rows")  # the rest are DiT's arguments
     if shape["norm_affine"]:  # official FineDiffusion: [fine | superclass] rows, no null row
         num_superclasses = rows - len(class_to_superclass or ())

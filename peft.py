@@ -226,10 +226,12 @@ def replace_label_table(model, class_to_superclass, num_superclasses, null_row, 
     model.y_embedder = new
 
 
-def base_problem(model, method):
-    """Why `method` cannot fine-tune this base, or None: a null row of the new table (every method but
-    FineDiffusion's) starts as the base's, which a base with a tiered table has not."""
+def base_problem(model, method, **options):
+    """Why `method` with its `options` cannot fine-tune this base, or None: a rank must fit the model's width, and a
+    null row of the new table (every method but FineDiffusion's) starts as the base's, which a tiered table has not."""
     spec = METHODS[method]
+    if too_large := [f"{name} {value}" for name, value in options.items() if value > model.hidden_size]:
+        return f"{', '.join(too_large)}: a rank is at most the model's width, {model.hidden_size}"
     if (not spec.tiered or spec.label_init == "null") and model.y_embedder.null_index is None:
         return (f"{method} starts its null label row from the base's, and this base has none: its table is a tiered "
                 f"one (fine + superclass rows, as FineDiffusion trains). Fine-tune a base with a null row, such as an "

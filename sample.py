@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help=WEIGHTS_HELP)
     p.add_argument("--vae", default=None, help="SD VAE (default: the one the model was trained with)")
     p.add_argument("--hierarchy", default=None, help="class list (JSON) for official FineDiffusion checkpoints")
-    p.add_argument("--n", type=cli.POSITIVE, default=8, help="images of --class (per class with --class all)")
+    p.add_argument("--n", type=cli.number(int, 1, 256), default=8,
+                   help="images of --class (per class with --class all)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="the noise")
     p.add_argument("--cfg-scale", type=cli.number(float), default=4.0, help="guidance scale w of Eq. 1 (1: none)")
     p.add_argument("--guidance", nargs="+", default=["default"], choices=["default", "fine", "cfg", "none"],
@@ -54,8 +55,9 @@ def parse_args(argv=None):
                    help="ddpm: the paper's; ddim: deterministic; dpm++: DPM-Solver++(2M), as diffusers' DiTPipeline")
     p.add_argument("--num-sampling-steps", type=int, default=None,
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
-    p.add_argument("--num-samples", type=cli.NON_NEGATIVE, default=0, help="bulk: this many images over all classes")
-    p.add_argument("--batch-size", type=cli.POSITIVE, default=32, help="images sampled at once, per process")
+    p.add_argument("--num-samples", type=cli.number(int, 0, 1_000_000), default=0,
+                   help="bulk: this many images over all classes (the papers' FID: 50,000)")
+    p.add_argument("--batch-size", type=cli.number(int, 1, 4096), default=32, help="images sampled at once, per process")
     p.add_argument("--out", default=None, help="the grid PNG, or a bulk run's folder (none: the run's samples/)")
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:
@@ -65,6 +67,17 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(f"argument --num-sampling-steps: {e}")
     return args
+
+
+def young_ema(checkpoint, args):
+    """A warning, where the EMA sampled (constant decay d, no warm-up) has seen fewer than the ~1/(1-d) steps it
+    averages over: it is then still mostly the base model."""
+    settings = checkpoint.settings or {}
+    decay = settings.get("ema_decay")
+    if args.weights != "ema" or decay is None or settings.get("ema_warmup") or checkpoint.step * (1 - decay) >= 1:
+        return ""
+    return (f". Its EMA (decay {decay}, no warm-up) has seen {checkpoint.step} of the ~{1 / (1 - decay):,.0f} steps it "
+            f"averages, so it is still mostly the base: --weights raw samples what was trained")
 
 
 def output_path(args, name, companions=()):
@@ -166,8 +179,12 @@ def main(args):
     args.ckpt = find_checkpoint(args.ckpt)
     hierarchy = Hierarchy.from_json(args.hierarchy) if args.hierarchy else None
     if args.list_classes is not None:  # the classes of --ckpt, or of --hierarchy
+        source = args.hierarchy or args.ckpt
         lines = (hierarchy or Hierarchy.from_dict(read_checkpoint(args.ckpt).hierarchy)).listing(args.list_classes)
-        print("\n".join(lines) if lines else f"no class name contains {args.list_classes!r}")
+        cli.check(not lines and f"no class of {source} has {args.list_classes!r} in its name or superclass: try a "
+                                f"part of it, or --list-classes alone for every class")
+        print(f"classes of {source}" + (f" matching {args.list_classes!r}" if args.list_classes else "") + ":")
+        print("\n".join(lines))
         return None
     cli.check(
         args.num_samples and len(args.guidance) > 1 and "--guidance: a bulk run (--num-samples) samples with one "
@@ -186,6 +203,8 @@ def main(args):
                                                         "was trained on")
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, args.vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
+    print(f"sampling {args.ckpt}: " + (f"step {checkpoint.step}, {args.weights} weights{young_ema(checkpoint, args)}"
+                                       if checkpoint else f"an official checkpoint, {args.weights} weights"))
     model.to(device).eval()
     args.guidance = [default_guidance(model) if g == "default" else g for g in args.guidance]
     vae = load_vae(args.vae, device) if args.vae not in (None, "none") else None

@@ -12,6 +12,7 @@ A checkpoint (checkpoint.py's format) holds what the method trains, its EMA, the
 rank's RNG state, so --resume continues bit-exactly; a run folder also holds log.txt and metrics.jsonl.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -25,15 +26,16 @@ from tqdm import tqdm
 
 import cli
 import data
-from checkpoint import (SAMPLES_DIR, Checkpoint, RunLog, checkpoint_file, find_checkpoint, load_base, load_model,
-                        open_run, read_checkpoint, restore_rng, rng_states, run_folder, save_checkpoint)
+from checkpoint import (SAMPLES_DIR, Checkpoint, RunLog, checkpoint_file, continued_run, find_checkpoint, load_base,
+                        load_model, lock_run, open_run, read_checkpoint, restore_rng, rng_states, run_folder,
+                        save_checkpoint)
 from diffusion import create_diffusion, sample
 from model import DIT_CONFIGS, DiT, dit_name, load_vae
 from peft import METHODS, base_problem, count_parameters, prepare, trainable_state_dict
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
 # The data may move (another machine, another mount): a resume checks that it holds the classes the run trained on.
-RESUMABLE = ("max_steps", "lr", "ckpt_every", "log_every", "sample_every", "num_workers", "precision", "compile",
+RESUMABLE = ("max_steps", "lr", "ckpt_every", "ckpt_minutes", "log_every", "sample_every", "num_workers", "precision", "compile",
              "grad_checkpointing", "ckpt", "results_dir", "run_name", "data_path", "latent_cache")
 MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high gets past it in one step
 
@@ -48,7 +50,7 @@ def parse_args(argv=None, doc=__doc__, **defaults):
                    help="with --ckpt: checked against the file (any DiT shape loads); without: DiT-XL/2 if not given")
     p.add_argument("--num-heads", type=cli.POSITIVE, default=None,
                    help="heads of a --ckpt that does not record them (none: model.heads_for_width)")
-    p.add_argument("--image-size", type=cli.POSITIVE, default=256, help="pixels; a multiple of the VAE's 8")
+    p.add_argument("--image-size", type=cli.number(int, 8, 2048), default=256, help="pixels; a multiple of the VAE's 8")
     p.add_argument("--vae", default=None, help="SD VAE folder or file (sd-vae-ft-ema); 'none': pixel space")
     p.add_argument("--data", default="inat", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
     p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it)")
@@ -56,15 +58,20 @@ def parse_args(argv=None, doc=__doc__, **defaults):
     p.add_argument("--latent-cache", default=None, help="encode the data once into this folder and train from it")
     p.add_argument("--no-hflip", action="store_true",
                    help="no mirrored copies: for data where left and right differ (text, symbols, some markings)")
-    p.add_argument("--global-batch-size", type=cli.POSITIVE, default=256, help="images per step over all processes")
+    p.add_argument("--global-batch-size", type=cli.number(int, 1, 65536), default=256,
+                   help="images per step over all processes")
     p.add_argument("--max-steps", type=cli.POSITIVE, default=200_000, help="optimizer steps in all")
-    p.add_argument("--lr", type=cli.number(float, 0.0, low_open=True), default=None,
+    p.add_argument("--lr", type=cli.number(float, 0.0, 1.0, low_open=True), default=None,
                    help="learning rate (none: the method's suggested one, peft.METHODS)")
     p.add_argument("--ema-decay", type=cli.FRACTION, default=0.9999, help="EMA of the trained weights")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="the EMA's decay rises as min(decay, (1 + t) / (10 + t)) at step t, so that a short run's EMA "
+                        "is its training, not still the base; --no-ema-warmup: constant, as the official code")
     p.add_argument("--p-parent", type=cli.FRACTION, default=0.1, help="P(fine label -> its parent) while training")
     for method, spec in METHODS.items():  # each method's own options, e.g. --lora-rank
         for option, default in spec.options.items():
-            p.add_argument(cli.flag(option), type=cli.number(type(default), 1), default=default, help=f"{method} only")
+            p.add_argument(cli.flag(option), type=cli.number(type(default), 1, 4096), default=default,
+                           help=f"{method} only")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="none: bf16 on CUDA, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
@@ -75,6 +82,8 @@ def parse_args(argv=None, doc=__doc__, **defaults):
                                                     "model-method); the scripts take the name for its newest run")
     p.add_argument("--log-every", type=cli.POSITIVE, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=cli.POSITIVE, default=10_000, help="steps between checkpoints")
+    p.add_argument("--ckpt-minutes", type=cli.number(float, 0.0, low_open=True), default=30.0,
+                   help="and a checkpoint after this many minutes of training since the last one")
     p.add_argument("--sample-every", type=cli.NON_NEGATIVE, default=0, help="steps between sample grids (0: none)")
     p.add_argument("--resume", default=None, help="a train.py checkpoint to continue (a run or name: its newest)")
     p.set_defaults(**defaults)
@@ -92,7 +101,8 @@ def check_args(args, world_size):
         cli.check(refused and f"--resume continues the run with its saved settings and cannot change "
                               f"{', '.join(map(cli.flag, refused))}; it can change "
                               f"{', '.join(map(cli.flag, RESUMABLE))}")
-        settings = dict(vars(parse_args([])), **resume.settings)  # flags newer than the checkpoint: their defaults
+        # flags newer than the checkpoint take their defaults, but for the EMA warm-up: those runs had none
+        settings = {**vars(parse_args([])), "ema_warmup": False, **resume.settings}
         changed = {name: (settings[name], getattr(args, name)) for name in args.given
                    if name != "resume" and settings[name] != getattr(args, name)}
         settings.update({name: new for name, (_, new) in changed.items()}, resume=args.resume, given=args.given)
@@ -101,6 +111,8 @@ def check_args(args, world_size):
             args.results_dir = os.path.dirname(run_folder(args.resume))
         cli.check(args.max_steps <= resume.step and f"--max-steps {args.max_steps}: the checkpoint is at step "
                                                      f"{resume.step} already; give a larger --max-steps to train on")
+        if in_place := continued_run(args.resume):  # a run another process writes: refused now, not after the data
+            cli.by_rank_zero(lambda: lock_run(in_place).release())
     foreign = [f"{cli.flag(option)} ({method})" for method, spec in METHODS.items() if method != args.method
                for option in spec.options if option in args.given]
     cli.check(
@@ -112,12 +124,15 @@ def check_args(args, world_size):
         METHODS[args.method].delta and not args.ckpt and f"--method {args.method} fine-tunes a pre-trained model: "
                                                          f"give its --ckpt",
         data.data_path_problem(args.data, args.data_path),
-        os.path.isfile(args.results_dir) and f"--results-dir {args.results_dir} is a file: give a folder (it is made "
-                                             f"if missing)",
         args.latent_cache and args.vae == "none" and "--latent-cache holds VAE latents; with --vae none (pixel space) "
                                                      "there are none: drop it",
         args.latent_cache and data.cache_folder_problem(args.latent_cache))
-    args.ckpt = args.ckpt and find_checkpoint(args.ckpt, args.results_dir)
+    cli.writable_folder(args.results_dir, "--results-dir")
+    cli.plain_name(args.run_name, "--run-name")
+    if args.latent_cache:
+        cli.writable_folder(args.latent_cache, "--latent-cache")
+    if args.ckpt and (resume is None or "ckpt" in args.given):  # (a resume's recorded base: load_model finds it)
+        args.ckpt = find_checkpoint(args.ckpt, args.results_dir)
     return args, resume, changed
 
 
@@ -140,17 +155,17 @@ def train_step(network, diffusion, opt, scaler, x, y, precision):
     return loss
 
 
-def step_health(loss, params, stop, world_size):
-    """After an update: (mean loss over ranks, did it diverge, was a stop requested), agreed by every rank through
-    one all-reduce of three scalars per step; with one read of the trained weights, that is its cost. Diverged: a
-    non-finite loss or weight, or a weight beyond MAX_WEIGHT."""
+def step_health(loss, params, requests, world_size):
+    """After an update: (mean loss over ranks, did it diverge, for each of `requests` whether any rank made it),
+    agreed by every rank through one all-reduce of a few scalars per step; with one read of the trained weights,
+    that is its cost. Diverged: a non-finite loss or weight, or a weight beyond MAX_WEIGHT."""
     largest = torch.nn.utils.get_total_norm([p.detach() for p in params], norm_type=math.inf)
     bad = ~torch.isfinite(largest) | (largest > MAX_WEIGHT) | ~torch.isfinite(loss.detach())
-    stopping = torch.tensor(float(stop.signum is not None), device=loss.device)
-    health = torch.stack([loss.detach().float(), bad.float(), stopping])
+    health = torch.cat([torch.stack([loss.detach().float(), bad.float()]),
+                        torch.tensor([float(r) for r in requests], device=loss.device)])
     if world_size > 1:
         dist.all_reduce(health)
-    return health[0].item() / world_size, health[1].item() > 0, health[2].item() > 0
+    return health[0].item() / world_size, health[1].item() > 0, [r > 0 for r in health[2:].tolist()]
 
 
 def batches(dataset, args, step, rank, world_size, device):
@@ -225,9 +240,9 @@ def build_model(args, resume, hierarchy, vae):
     architecture, the base's identity where checkpoints hold a delta, prepare()'s options); a resume's is rebuilt."""
     channels, input_size = (3, args.image_size) if vae is None else (vae.latent_channels,
                                                                      args.image_size // vae.downsample_factor)
+    own = {name: getattr(args, name) for name in METHODS[args.method].options}  # e.g. lora_rank
     options = dict(class_to_superclass=hierarchy.class_to_superclass, p_parent=args.p_parent,
-                   num_superclasses=len(hierarchy.superclass_names),
-                   **{name: getattr(args, name) for name in METHODS[args.method].options})
+                   num_superclasses=len(hierarchy.superclass_names), **own)
     classes = [hierarchy.class_names, hierarchy.superclass_names, hierarchy.class_to_superclass]  # the table's rows
     trained = resume and [resume.hierarchy[k] for k in ("class_names", "superclass_names", "class_to_superclass")]
     cli.check(trained and trained != classes and f"--resume: the data at {args.data_path} now has {len(classes[0])} "
@@ -244,7 +259,7 @@ def build_model(args, resume, hierarchy, vae):
         dit_config = model.config
         cli.check(args.model and dit_name(dit_config) != args.model and f"--ckpt {args.ckpt} holds "
                   f"{dit_name(dit_config) or 'a DiT of another shape'}, not --model {args.model}",
-                  args.ckpt and base_problem(model, args.method),
+                  base_problem(model, args.method, **own),
                   model.in_channels != channels and f"--ckpt {args.ckpt} expects {model.in_channels} input channels, "
                                                     f"but --vae {args.vae} gives {channels}",
                   input_size % model.patch_size and f"--image-size {args.image_size}: the {input_size} px "
@@ -280,11 +295,11 @@ def main(args):
         raise ValueError(f"--global-batch-size {args.global_batch_size}: the {len(dataset)} training images cannot "
                          f"fill one batch")
     model_name = (dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}").replace("/", "-")
-    run_dir = [open_run(args.results_dir, args.run_name or f"{model_name}-{args.method}", args.resume)
-               if rank == 0 else None]
-    if world_size > 1:  # rank 0 decides, every rank learns it
-        dist.broadcast_object_list(run_dir)
-    run_dir, log = run_dir[0], RunLog(run_dir[0], rank)
+    # the run folder, written by rank 0 alone, which holds its lock until the end
+    owner = cli.by_rank_zero(lambda: open_run(args.results_dir, args.run_name or f"{model_name}-{args.method}",
+                                              args.resume))
+    run_dir = cli.shared(owner and os.path.dirname(owner.path))
+    log = RunLog(run_dir, rank)
     model.to(device)
     model.grad_checkpointing = args.grad_checkpointing
     diffusion = create_diffusion("")
@@ -321,23 +336,25 @@ def main(args):
 
     # the training loop
     model.train()
-    meter, last_saved = Meter(args, step, lr, device, log), args.resume
+    meter, last_saved, saved_at = Meter(args, step, lr, device, log), args.resume, time.time()
     bar = dict(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    with cli.StopRequest() as stop, tqdm(**bar) as progress:  # the bar is closed however the loop ends
+    with owner or contextlib.nullcontext(), cli.StopRequest() as stop, tqdm(**bar) as progress:  # released at the end
         for x, y in batches(dataset, args, step, rank, world_size, device):
             if step >= args.max_steps:
                 break
             with torch.no_grad():
                 x = data.model_input(x, vae, device)
             loss = train_step(network, diffusion, opt, scaler, x, y.to(device, non_blocking=True), precision)
-            mean_loss, diverged, stopping = step_health(loss, trained, stop, world_size)
+            save_due = rank == 0 and time.time() - saved_at > 60 * args.ckpt_minutes  # rank 0's clock decides
+            mean_loss, diverged, (stopping, save_due) = step_health(loss, trained, [stop.signum is not None, save_due], world_size)
             if diverged:  # the weights in memory are lost; no checkpoint holds them
                 log(f"step {step + 1}: the training diverged (loss {mean_loss:.4g}, or a weight non-finite or beyond "
                     f"{MAX_WEIGHT:g}); stopping before it reaches a checkpoint. The last good checkpoint is "
                     f"{last_saved or 'none (none was saved)'}: resume from it with a lower --lr, or --precision fp32.")
                 raise SystemExit(1)
+            decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
             with torch.no_grad():  # EMA of the trained parameters only, in one fused update
-                torch._foreach_lerp_(averaged, [p.detach().float() for p in trained], 1 - args.ema_decay)
+                torch._foreach_lerp_(averaged, [p.detach().float() for p in trained], 1 - decay)
             step = step + 1
             progress.update()
             meter.update(step, mean_loss)
@@ -346,9 +363,8 @@ def main(args):
                 write_samples(model, ema, vae, grid, hierarchy.class_names, step)
                 log(f"samples at step {step}: {grid}")
 
-            # checkpoints: every --ckpt-every steps, at the end, and when a signal asks to stop
-            if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
-                last_saved = checkpoint_file(run_dir, step)
+            # checkpoints: every --ckpt-every steps and --ckpt-minutes, at the end, and when a signal asks to stop
+            if step % args.ckpt_every == 0 or step == args.max_steps or stopping or save_due:
                 checkpoint = Checkpoint(
                     method=args.method, options=options, dit=dit_config, base=base, hierarchy=hierarchy.to_dict(),
                     vae=None if vae is None else os.path.abspath(args.vae), model=trainable_state_dict(model),
@@ -356,11 +372,14 @@ def main(args):
                                        image_size=args.image_size, hflip=not args.no_hflip),
                     step=step, optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_states(world_size),
                     settings={k: v for k, v in vars(args).items() if k not in ("resume", "given")})
-                if rank == 0:
-                    save_checkpoint(last_saved, checkpoint)
+                cli.by_rank_zero(lambda: save_checkpoint(checkpoint_file(run_dir, step), checkpoint))
+                last_saved, saved_at = checkpoint_file(run_dir, step), time.time()
                 log(f"saved {last_saved}")
             if stopping:
-                log(f"stopped by a signal after step {step}; continue with: python train.py --resume {last_saved}")
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # processes per node, under torchrun
+                launcher = "python" if world_size == 1 else f"torchrun --nproc_per_node={local}" + (
+                    f" --nnodes={world_size // local} (and your rendezvous flags)" if world_size > local else "")
+                log(f"stopped by a signal after step {step}; continue with: {launcher} train.py --resume {last_saved}")
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     if world_size > 1:  # leave together: no rank exits (closing its connections) while another still works
         dist.barrier()

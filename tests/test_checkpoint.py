@@ -1,13 +1,17 @@
 """checkpoint.py: the format (atomic, versioned, a delta rebuilt on its fingerprinted base), run folders and names."""
+import dataclasses
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from checkpoint import (Checkpoint, checkpoint_file, create_run_folder, find_checkpoint, load_model, named_runs,
                         open_run, read_checkpoint, run_folder, save_checkpoint, saved_checkpoints)
-from conftest import dit_from_fixture, fixture
-from data import fingerprint
+from conftest import ROOT, dit_from_fixture, fixture
+from data import LOCK_FILE, fingerprint
 from peft import prepare, trainable_state_dict
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
@@ -59,27 +63,90 @@ def test_old_checkpoint_format_is_refused_with_a_message(tmp_path):
 
 
 def test_run_folders(tmp_path):
-    """results/NNN-<name>: numbered above the highest there, found by name (newest first) and by their checkpoints
-    (the highest step of one run; the newest written of all runs); a checkpoint leads back to its run."""
+    """results/NNN-<name>: numbered above the highest there, found by name (newest first, once it holds a checkpoint)
+    and by their checkpoints (the highest step of one run; the newest written of all runs); a checkpoint leads back
+    to its run; a mistyped name is answered with the names there are."""
     results = str(tmp_path / "results[1]")  # a glob character in the path is taken literally
     os.makedirs(os.path.join(results, "007-someone-else"))
     runs = [create_run_folder(results, "fd") for _ in range(2)]
-    assert [os.path.basename(r) for r in runs] == ["008-fd", "009-fd"] and named_runs("fd", results) == runs[::-1]
-    assert saved_checkpoints(runs[0]) == []
+    assert [os.path.basename(r) for r in runs] == ["008-fd", "009-fd"] and saved_checkpoints(runs[0]) == []
+    assert named_runs("fd", results) == []  # killed before a first checkpoint: no run to take up
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         find_checkpoint(None, results)
     for run, steps in ((runs[1], (20, 100)), (runs[0], (5,))):  # runs[0]'s is written last
         for step in steps:
             open(checkpoint_file(run, step), "w").close()
-    assert saved_checkpoints(runs[1]) == [checkpoint_file(runs[1], 20), checkpoint_file(runs[1], 100)]
+    assert named_runs("fd", results) == runs[::-1] and saved_checkpoints(runs[1]) == [
+        checkpoint_file(runs[1], 20), checkpoint_file(runs[1], 100)]
     assert find_checkpoint("fd", results) == checkpoint_file(runs[1], 100) == find_checkpoint(runs[1])
+    with pytest.raises(FileNotFoundError, match="did you mean fd"):
+        find_checkpoint("fdd", results)
     os.utime(checkpoint_file(runs[0], 5), (2e9, 2e9))
     assert find_checkpoint(None, results) == checkpoint_file(runs[0], 5)
     assert os.path.samefile(run_folder(checkpoint_file(runs[1], 20)), runs[1]) and run_folder(__file__) is None
-    stale, live = checkpoint_file(runs[1], 30) + ".999999999.tmp", checkpoint_file(runs[1], 40) + f".{os.getpid()}.tmp"
-    for path in (stale, live):  # what a killed save leaves, and a save of this process still going on
-        open(path, "w").close()
-    assert open_run(results, "fd", checkpoint_file(runs[1], 100)) == runs[1]  # from the newest: on in place
-    assert not os.path.exists(stale) and os.path.exists(live)
+    torn = checkpoint_file(runs[1], 110) + ".tmp"  # what a killed save leaves
+    open(torn, "w").close()
+    owner = open_run(results, "fd", checkpoint_file(runs[1], 100))  # from the newest: on in place, locked
+    assert os.path.dirname(owner.path) == runs[1] and not os.path.exists(torn)
+    owner.release()
     branch = open_run(results, "fd", checkpoint_file(runs[1], 20))  # from an earlier one: a new folder
-    assert os.path.basename(branch) == "010-fd" and saved_checkpoints(runs[1])[-1] == checkpoint_file(runs[1], 100)
+    assert os.path.basename(os.path.dirname(branch.path)) == "010-fd"
+    assert saved_checkpoints(runs[1])[-1] == checkpoint_file(runs[1], 100)
+
+
+HOLD_LOCK = "import sys, time; from data import Lock; lock = Lock(sys.argv[1], 'x'); print('held', flush=True); " \
+            "time.sleep(60)"
+
+
+def test_a_run_is_written_by_one_process(tmp_path):
+    """A run folder another process holds is refused, naming that process; once it is killed the lock is free, with no
+    process table read (the OS drops a dead process's locks)."""
+    run = create_run_folder(str(tmp_path), "fd")
+    open(checkpoint_file(run, 10), "w").close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, os.path.join(run, LOCK_FILE)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on .* wait for that one to end"):
+            open_run(str(tmp_path), "fd", checkpoint_file(run, 10))
+    finally:
+        holder.kill()
+        holder.wait()
+    owner = open_run(str(tmp_path), "fd", checkpoint_file(run, 10))  # the killed holder's lock is taken over
+    assert os.path.dirname(owner.path) == run
+    with pytest.raises(ValueError, match="in use"):  # and now held: a second open in this process is refused too
+        open_run(str(tmp_path), "fd", checkpoint_file(run, 10))
+    owner.release()
+    assert not os.path.exists(owner.path)
+
+
+def test_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A save that fails part-way (torch's short-write RuntimeError, as on a full disk) says what it needed in one
+    OSError, leaves no temporary, and the checkpoint written before it is untouched and readable."""
+    f, model = fresh("finediffusion")
+    trained = trainable_state_dict(model)
+    checkpoint = Checkpoint(method="finediffusion", options=dict(class_to_superclass=PARENTS), dit=model.config,
+                            base=None, hierarchy={}, vae=None, data={}, model=trained, ema=trained, step=1)
+    save_checkpoint(str(tmp_path / "0000001.pt"), checkpoint)
+    before = (tmp_path / "0000001.pt").read_bytes()
+
+    def short_write(contents, path):
+        with open(path, "wb") as out:
+            out.write(b"PK" + bytes(100))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=r"could not write .*0000002.pt \(\[enforce fail.*it needs about .* MiB and its "
+                                      r"disk has .* MiB free.*earlier checkpoints are untouched"):
+        save_checkpoint(str(tmp_path / "0000002.pt"), dataclasses.replace(checkpoint, step=2))
+    assert sorted(os.listdir(tmp_path)) == ["0000001.pt"] and (tmp_path / "0000001.pt").read_bytes() == before
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    """A checkpoint whose weights went NaN (saved after a divergence) is no model: refused by name, not sampled."""
+    f, model = fresh("finediffusion")
+    trained = {k: torch.full_like(v, math.nan) for k, v in trainable_state_dict(model).items()}
+    checkpoint = Checkpoint(method="finediffusion", options=dict(class_to_superclass=PARENTS), dit=model.config,
+                            base=None, hierarchy={}, vae=None, data={}, model=trained, ema=trained, step=1)
+    save_checkpoint(str(tmp_path / "nan.pt"), checkpoint)
+    with pytest.raises(ValueError, match=r"nan.pt: \d+ tensors hold NaN or infinite values .* take an earlier"):
+        load_model(str(tmp_path / "nan.pt"))

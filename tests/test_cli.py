@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import bench
 import cli
@@ -25,6 +27,11 @@ def bad_files(tmp_path_factory):
     (root / "empty.pt").write_bytes(b"")
     (root / "text.pt").write_text("not a checkpoint")
     (root / "broken.json").write_text('{"class_names": [')
+    (root / "list.json").write_text('[1, 2]')
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    np.savez(root / "labels.npz", labels=np.zeros(4, dtype=np.int64))
+    np.savez(root / "small.npz", arr_0=np.zeros((4, 16, 16, 3), dtype=np.uint8), labels=np.zeros(4, dtype=np.int64))
+    (root / "truncated.npz").write_bytes((root / "small.npz").read_bytes()[:300])
     return root
 
 
@@ -66,7 +73,7 @@ def cases(toy):
         ("data", ["--save-hierarchy", "{bad}/broken.json"], "broken.json exists and is not overwritten"),
         ("train", train_toy + ["--split", "nope"], "toy split 'nope'"),
         ("train", train_toy + ["--data-path", "{bad}/text.pt"], "is a file; the toy set is generated into a folder"),
-        ("train", train_toy + ["--results-dir", "{bad}/text.pt"], "text.pt is a file: give a folder"),
+        ("train", train_toy + ["--results-dir", "{bad}/text.pt"], "text.pt is a file, not a folder"),
         ("train", train_toy + ["--image-size", "18"], "do not split into the model's 4 px patches"),
         ("train", train_toy[:-2] + ["--ckpt", "{bad}/empty.pt"], "cannot be read as a checkpoint"),
         ("train", train_toy[:-2] + ["--ckpt", toy["checkpoint"], "--method", "lora"], "null label row from the base"),
@@ -88,7 +95,24 @@ def cases(toy):
                       "{bad}/broken.json"], "broken.json is not valid JSON"),
         ("evaluate", ["fid", "--samples", "{bad}/empty.pt", "--ref", "{bad}", "--inception", "{bad}/none.pth"],
          "pytorch-fid"),
-        ("data", ["--split", "nope"], "toy split 'nope'"), ("data", ["--image-size", "0"], ">= 1"),
+        ("data", ["--split", "nope"], "toy split 'nope'"), ("data", ["--image-size", "0"], ">= 8"),
+        ("train", train_toy + ["--run-name", "a/b"], "must be one plain folder name"),
+        ("train", ["--lr", "1e30"], "<= 1.0"), ("train", ["--image-size", "100000"], "<= 2048"),
+        ("train", ["--method", "lora", "--lora-rank", "1000000000"], "<= 4096"),
+        ("train", ["--global-batch-size", "1000000000"], "<= 65536"),
+        ("train", train_toy + ["--method", "lora", "--lora-rank", "1000"], "a rank is at most the model's width"),
+        ("train", train_toy + ["--num-heads", "3"], "attention heads, and 3 were asked for"),
+        ("sample", ["--n", "1000000000"], "<= 256"), ("sample", ["--num-samples", "1000000000"], "<= 1000000"),
+        ("sample", ["--ckpt", "{bad}/tensor.pt", "--class", "1"], "tensor.pt is not a DiT checkpoint: it holds a Tensor"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--hierarchy", "{bad}", "--class", "1"], "is a folder: a JSON file"),
+        ("sample", ["--ckpt", toy["checkpoint"], "--list-classes", "zzzz"], "no class of"),
+        ("sample", ["--ckpt", "toy-finediffuson", "--class", "1"], "no checkpoint file, run folder or run name"),
+        ("evaluate", ["lpips", "--samples", "{bad}/labels.npz", "--lpips-weights", "a", "b"], "it has no arr_0"),
+        ("evaluate", ["lpips", "--samples", "{bad}/truncated.npz", "--lpips-weights", "a", "b"], "not a readable .npz"),
+        ("evaluate", ["lpips", "--samples", "{bad}/small.npz", "--lpips-weights", "a", "b"], "needs at least 32 px"),
+        ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}/list.json"],
+         "no results object"),
+        ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}"], "is a folder"),
         ("bench", ["--steps", "0"], ">= 1"), ("bench", ["--methods", "adapter"], "unknown ['adapter']"),
         ("bench", ["--image-size", "100"], "multiple of 16"), ("bench", ["--samplers", "euler"], "unknown ['euler']"),
     ]

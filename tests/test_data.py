@@ -413,11 +413,12 @@ def test_latent_cache_built_by_two_ranks_equals_one_process(tmp_path, vae):
 
 def test_toy_sets_of_two_sizes_side_by_side_and_an_interrupted_generation(tmp_path):
     """Another size is made beside the first (which a running job may be reading), never over it; a generation that
-    was killed left only its own temporary folder, which the next one removes."""
+    was killed left only its temporary folder and its (free) lock file, which the next generation of it removes."""
     first, _ = data.load_dataset("toy", str(tmp_path), 8, split="target")
     files = sorted(first.files)
-    stale = tmp_path / ".8px-seed0-n32-v1.999999999.tmp" / "target"  # a dead process's half-drawn set
+    stale = tmp_path / ".12px-seed0-n32-v1.tmp" / "target"  # a killed process's half-drawn set
     stale.mkdir(parents=True)
+    (tmp_path / ".12px-seed0-n32-v1.tmp.lock").write_text("process 1 on elsewhere since 2026-01-01 00:00")
     second, _ = data.load_dataset("toy", str(tmp_path), 12, split="target")
     assert sorted(first.files) == files and os.path.isdir(first.root) and first.root != second.root
     assert np.asarray(first[0][0]).shape == (3, 8, 8) and np.asarray(second[0][0]).shape == (3, 12, 12)

@@ -208,7 +208,8 @@ def test_list_classes_a_run_folder_and_a_superclass_name(toy_runs, tmp_path, cap
     superclass = hierarchy.superclass_names[-1]
     members = [i for i, s in enumerate(hierarchy.class_to_superclass) if s == len(hierarchy.superclass_names) - 1]
     sample.main(sample.parse_args(["--ckpt", toy_runs["run_dir"], "--list-classes", superclass.upper()]))
-    listed = capsys.readouterr().out.strip().splitlines()
+    header, *listed = capsys.readouterr().out.strip().splitlines()
+    assert header == f"classes of {find_checkpoint(toy_runs['run_dir'])} matching {superclass.upper()!r}:"
     assert [int(line.split()[0]) for line in listed] == members and all(f"[{superclass}]" in line for line in listed)
     with pytest.raises((ValueError, FileNotFoundError), match=f"'{superclass}' is a superclass of {len(members)} classes"):
         run(toy_runs["run_dir"], tmp_path, "--class", superclass)

@@ -197,13 +197,14 @@ def test_no_hflip_sees_each_image_once(toy_runs, tmp_path):
     assert np.load(tmp_path / "cache" / "latents.npy", mmap_mode="r").shape[0] == images
 
 
-def test_divergence_stops_before_a_checkpoint_and_names_the_last_good_one(toy_runs, tmp_path):
-    """An lr that blows the weights up in one step (finite, but far beyond any trained weight): the run stops before
-    saving them and names the checkpoint to go back to, which is finite."""
+def test_divergence_stops_before_a_checkpoint_and_names_the_last_good_one(toy_runs, tmp_path, monkeypatch):
+    """A weight beyond the bound after a step (the bound lowered below the LayerNorm scales of 1, so the first step
+    crosses it): the run stops before saving it and names the checkpoint to go back to, which is finite."""
     run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    monkeypatch.setattr(train, "MAX_WEIGHT", 0.5)
     with pytest.raises(SystemExit) as stop:
-        train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000004.pt"), "--lr", "1e30",
-                                     "--max-steps", "10", "--ckpt-every", "1"]))
+        train.main(train.parse_args(["--resume", str(run_dir / "checkpoints" / "0000004.pt"), "--max-steps", "10",
+                                     "--ckpt-every", "1"]))
     assert stop.value.code == 1
     last = str(run_dir / "checkpoints" / "0000004.pt")
     assert f"The last good checkpoint is {last}" in (run_dir / "log.txt").read_text()

@@ -10,6 +10,9 @@ utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each m
 `--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
 runs read from their metrics.jsonl (`--runs results/*`).
 """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
+
 import math
 import multiprocessing
 import os

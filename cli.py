@@ -177,6 +177,7 @@ def run(main):
     missing or unreadable, a disk full), or a SystemExit with a message, is printed once as one line, and every rank
     leaves its process group and exits with code 1; Ctrl-C outside a loop that handles it exits with 130. A traceback
     is a bug of ours."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (each script ignores Ctrl-C's traceback while loading)
     try:
         return main()
     except (ValueError, OSError, SystemExit, KeyboardInterrupt) as error:

@@ -246,7 +246,8 @@ class ImageDataset(Dataset):
                 self.skip(k, f"{type(e).__name__}: {e}")
             else:
                 return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
-        raise RuntimeError(f"no image under {self.root} could be read: {self.skipped}")
+        raise ValueError(f"no image under {self.root} can be read (all {len(self.files)}; e.g. "
+                         f"{next(iter(self.skipped.items()))}): give a folder of images pillow reads (JPEG, PNG, ...)")
 
     def skip(self, j, reason):
         """Image j cannot be read: recorded in self.skipped (of this process) and reported."""
@@ -711,10 +712,11 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     if world_size > 1:
         dist.broadcast_object_list(box := [state])
         state = box[0]
+    if lock and state != "build":
+        lock.release()
     if state not in ("ready", "build"):
         raise ValueError(state)
     if state == "ready":
-        lock and lock.release()
         return LatentDataset(cache_dir)
 
     device = next(vae.parameters()).device

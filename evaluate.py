@@ -16,6 +16,9 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
     python evaluate.py tsne --checkpoint results/001-DiT-XL-2-finediffusion   # Figure 7, into the run folder
     python evaluate.py data --data inat --data-path /data/inat2021 --check --save-hierarchy inat_classes.json
 """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
+
 import colorsys
 import json
 import math

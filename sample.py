@@ -11,6 +11,9 @@ Images of a class from a trained model, with FineDiffusion's superclass guidance
 checkpoint), official DiT-XL/2 files, and official FineDiffusion checkpoints (with --hierarchy, their class list).
 Images go to the samples/ folder of the checkpoint's run unless --out says where; nothing is overwritten.
 """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
+
 import math
 import os
 
@@ -162,7 +165,9 @@ def sample_bulk(model, vae, hierarchy, args, device, rank, world_size):
         extra = {} if hierarchy is None else dict(
             superclass_labels=np.asarray(hierarchy.class_to_superclass)[labels],
             class_names=np.asarray(hierarchy.class_names), superclass_names=np.asarray(hierarchy.superclass_names))
-        np.savez(out + ".npz", arr_0=images, labels=labels, **extra)
+        with open(out + ".npz.tmp", "wb") as f:  # renamed when complete: a kill leaves no torn .npz
+            np.savez(f, arr_0=images, labels=labels, **extra)
+        os.replace(out + ".npz.tmp", out + ".npz")
         print(f"wrote {args.num_samples} samples ({args.weights} weights) to {out}/ and {out}.npz ({images.shape})")
     return out
 
@@ -203,8 +208,10 @@ def main(args):
                                                         "was trained on")
     if checkpoint is not None:  # ours: the class names and the VAE it was trained with
         hierarchy, args.vae = Hierarchy.from_dict(checkpoint.hierarchy), args.vae or checkpoint.vae
-    print(f"sampling {args.ckpt}: " + (f"step {checkpoint.step}, {args.weights} weights{young_ema(checkpoint, args)}"
-                                       if checkpoint else f"an official checkpoint, {args.weights} weights"))
+    if rank == 0:
+        print(f"sampling {args.ckpt}: " + (f"step {checkpoint.step}, {args.weights} weights"
+                                           f"{young_ema(checkpoint, args)}" if checkpoint else
+                                           f"an official checkpoint, {args.weights} weights"))
     model.to(device).eval()
     args.guidance = [default_guidance(model) if g == "default" else g for g in args.guidance]
     vae = load_vae(args.vae, device) if args.vae not in (None, "none") else None

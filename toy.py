@@ -11,6 +11,9 @@ The toy experiment: what the papers do, in miniature, on a CPU, in one command (
 3. Draw every target class (training images, the method's guidance, none) into its samples/every-class.png and,
    for a tiered label table, Figure 7's t-SNE into tsne.png. Every flag of train.py is taken; defaults: the toy's.
 """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
+
 import argparse
 import os
 import time

@@ -11,11 +11,13 @@ and no all-reduce. `main` reads top to bottom: set-up, the training loop (its st
 A checkpoint (checkpoint.py's format) holds what the method trains, its EMA, the optimizer, the step and every
 rank's RNG state, so --resume continues bit-exactly; a run folder also holds log.txt and metrics.jsonl.
 """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
+
 import argparse
 import contextlib
 import math
 import os
-import signal
 import time
 
 import torch
@@ -35,9 +37,9 @@ from peft import METHODS, base_problem, count_parameters, prepare, trainable_sta
 
 # What a --resume may change: it continues the saved run, so anything else would be silently not what was asked.
 # The data may move (another machine, another mount): a resume checks that it holds the classes the run trained on.
-RESUMABLE = ("max_steps", "lr", "ckpt_every", "ckpt_minutes", "log_every", "sample_every", "num_workers", "precision", "compile",
-             "grad_checkpointing", "ckpt", "results_dir", "run_name", "data_path", "latent_cache")
-MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; an lr far too high gets past it in one step
+RESUMABLE = ("max_steps", "lr", "ckpt_every", "ckpt_minutes", "log_every", "sample_every", "num_workers", "precision",
+             "compile", "grad_checkpointing", "ckpt", "results_dir", "run_name", "data_path", "latent_cache")
+MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; a diverging run passes it long before an overflow
 
 
 def parse_args(argv=None, doc=__doc__, **defaults):
@@ -294,6 +296,7 @@ def main(args):
     if len(dataset) // world_size < args.global_batch_size // world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size}: the {len(dataset)} training images cannot "
                          f"fill one batch")
+    dataset[0]  # a first item read (a set of which no image can be read is refused here, before a run folder)
     model_name = (dit_name(dit_config) or f"DiT-{dit_config['depth']}x{dit_config['hidden_size']}").replace("/", "-")
     # the run folder, written by rank 0 alone, which holds its lock until the end
     owner = cli.by_rank_zero(lambda: open_run(args.results_dir, args.run_name or f"{model_name}-{args.method}",

@@ -1,8 +1,10 @@
 """Shared test helpers: where the golden fixtures live, how to compare against them, how to build their models, and
 two tiny toy training runs that several test files sample from."""
+import contextlib
 import json
 import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -91,3 +93,19 @@ def write_tiny_vae(folder):
     with open(os.path.join(folder, "config.json"), "w") as out:
         json.dump(dict(f["config"], scaling_factor=f["scaling_factor"]), out)
     return str(folder)
+
+
+HOLD_LOCK = "import sys, time; from data import Lock; lock = Lock(sys.argv[1], 'x'); print('held', flush=True); " \
+            "time.sleep(300)"
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path):
+    """Another process holding data.Lock(path) while the block runs (then killed, as a crashed writer is) -> its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,15 +2,13 @@
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoint import (Checkpoint, checkpoint_file, create_run_folder, find_checkpoint, load_model, named_runs,
                         open_run, read_checkpoint, run_folder, save_checkpoint, saved_checkpoints)
-from conftest import ROOT, dit_from_fixture, fixture
+from conftest import dit_from_fixture, fixture, lock_held_elsewhere
 from data import LOCK_FILE, fingerprint
 from peft import prepare, trainable_state_dict
 
@@ -94,24 +92,14 @@ def test_run_folders(tmp_path):
     assert saved_checkpoints(runs[1])[-1] == checkpoint_file(runs[1], 100)
 
 
-HOLD_LOCK = "import sys, time; from data import Lock; lock = Lock(sys.argv[1], 'x'); print('held', flush=True); " \
-            "time.sleep(60)"
-
-
 def test_a_run_is_written_by_one_process(tmp_path):
     """A run folder another process holds is refused, naming that process; once it is killed the lock is free, with no
     process table read (the OS drops a dead process's locks)."""
     run = create_run_folder(str(tmp_path), "fd")
     open(checkpoint_file(run, 10), "w").close()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, os.path.join(run, LOCK_FILE)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on .* wait for that one to end"):
+    with lock_held_elsewhere(os.path.join(run, LOCK_FILE)) as pid:
+        with pytest.raises(ValueError, match=f"in use by process {pid} on .* wait for that one to end"):
             open_run(str(tmp_path), "fd", checkpoint_file(run, 10))
-    finally:
-        holder.kill()
-        holder.wait()
     owner = open_run(str(tmp_path), "fd", checkpoint_file(run, 10))  # the killed holder's lock is taken over
     assert os.path.dirname(owner.path) == run
     with pytest.raises(ValueError, match="in use"):  # and now held: a second open in this process is refused too

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data
-from conftest import fixture, rel_err
+from conftest import fixture, lock_held_elsewhere, rel_err
 
 from model import AutoencoderKL, load_vae_state_dict
 
@@ -389,6 +389,27 @@ def test_latent_cache_is_reused_and_a_stale_one_refused(tmp_path, vae):
         data.build_latent_cache(dataset, vae, str(tmp_path / "mine"), num_workers=0)
     assert os.listdir(tmp_path / "mine") == ["labels.npy"]
     assert (tmp_path / "mine" / "labels.npy").read_bytes() == b"the user's"
+
+
+def test_a_cache_or_toy_set_being_written_is_refused_to_a_second_writer(tmp_path, vae):
+    """While another process builds a latent cache or draws a toy set (holds its lock), a second one is refused in one
+    line naming it, and writes nothing; once that process is gone (killed), its lock is free and the work is done."""
+    write_tree_with_bad_images(tmp_path / "images")
+    dataset, _ = data.load_dataset("folder", str(tmp_path / "images"), 16)
+    (tmp_path / "cache").mkdir()
+    with lock_held_elsewhere(tmp_path / "cache" / data.LOCK_FILE) as pid:
+        with pytest.raises(ValueError, match=f"the latent cache .* is in use by process {pid} on "):
+            data.build_latent_cache(dataset, vae, str(tmp_path / "cache"), num_workers=0)
+        assert os.listdir(tmp_path / "cache") == [data.LOCK_FILE]
+    assert data.build_latent_cache(dataset, vae, str(tmp_path / "cache"), num_workers=0).meta["complete"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["labels.npy", "latents.npy", "meta.json"]  # the lock: gone
+    (tmp_path / "toy").mkdir()
+    name = f"8px-seed0-n4-v{data.TOY_VERSION}"
+    with lock_held_elsewhere(tmp_path / "toy" / f".{name}.tmp.lock") as pid:
+        with pytest.raises(ValueError, match=f"the toy set .*{name} is in use by process {pid} on "):
+            data.make_toy_dataset(str(tmp_path / "toy"), image_size=8, images_per_class=4)
+    assert os.path.isdir(data.make_toy_dataset(str(tmp_path / "toy"), image_size=8, images_per_class=4))
+    assert sorted(os.listdir(tmp_path / "toy")) == [name]
 
 
 def build_on_rank(rank, world_size, images, cache_dir, rendezvous):

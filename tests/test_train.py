@@ -287,6 +287,85 @@ def test_a_stop_signal_saves_and_the_resume_is_bit_identical(toy_runs, tmp_path,
     assert all(torch.equal(resumed.model[k], v) for k, v in reference.model.items())
 
 
+def test_two_resumes_of_one_run_the_second_is_refused(toy_runs, tmp_path):
+    """A run being continued by one process (here in the background) is refused to a second --resume at once, in one
+    line naming the first, before any data is read and with nothing written; the first goes on, unaffected, until a
+    signal stops it with a checkpoint; its lock, freed by the OS as it exits, is then taken by the next resume."""
+    run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")
+    first = subprocess.Popen([sys.executable, "train.py", "--resume", str(run_dir), "--max-steps", "100000",
+                              "--ckpt-every", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    logged = len(read_metrics(run_dir))
+    while len(read_metrics(run_dir)) < logged + 2:  # it holds the run and trains on
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    before = sorted(os.listdir(run_dir / "checkpoints")), sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=f"the run {run_dir} is in use by process {first.pid} on .* wait for that"):
+        train.main(train.parse_args(["--resume", str(run_dir), "--max-steps", "100"]))
+    assert (sorted(os.listdir(run_dir / "checkpoints")), sorted(os.listdir(tmp_path))) == before
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 128 + signal.SIGTERM
+    stopped = read_checkpoint(find_checkpoint(str(run_dir))).step
+    assert stopped > 4 and not (run_dir / "lock").exists()
+    train.main(train.parse_args(["--resume", str(run_dir), "--max-steps", str(stopped + 1)]))
+    assert read_checkpoint(find_checkpoint(str(run_dir))).step == stopped + 1
+
+
+def test_short_runs_are_safe_by_default(toy_runs, tmp_path):
+    """A checkpoint every --ckpt-minutes as well as every --ckpt-every steps (here at every step); the EMA warm-up:
+    after one step at decay 0.9999 it has moved 0.9 of the way (decay (1 + 0) / (10 + 0)), with --no-ema-warmup
+    1e-4 of it, from the same start to the same trained weights."""
+    _, timed = train.main(toy_args(toy_runs, tmp_path / "timed", "--max-steps", "3", "--ckpt-every", "100",
+                                   "--ckpt-minutes", "1e-9"))
+    assert sorted(os.listdir(os.path.join(timed, "checkpoints"))) == ["0000001.pt", "0000002.pt", "0000003.pt"]
+    runs = [read_checkpoint(find_checkpoint(train.main(toy_args(toy_runs, tmp_path / flag, "--max-steps", "1",
+                                                                "--ema-decay", "0.9999", flag))[1]))
+            for flag in ("--ema-warmup", "--no-ema-warmup")]
+    for name, raw in runs[0].model.items():
+        assert torch.equal(raw, runs[1].model[name])
+        warm, constant = runs[0].ema[name].double(), runs[1].ema[name].double()
+        # constant = start + 1e-4 (raw - start), warm = start + 0.9 (raw - start)
+        torch.testing.assert_close(warm - constant, (0.9 - 1e-4) / (1 - 1e-4) * (raw.double() - constant),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_a_full_disk_mid_run_loses_nothing(toy_runs, tmp_path, monkeypatch):
+    """The step-4 checkpoint meets a full disk part-way (torch's short-write error): one OSError saying what it
+    needed, no temporary left, the step-2 checkpoint intact and the run's lock freed; once there is space, the resume
+    from step 2 reaches the uninterrupted run's step-4 weights bit for bit."""
+    real_save = torch.save
+
+    def full_disk_at_step_4(contents, path):
+        if str(path).endswith("0000004.pt.tmp"):
+            with open(path, "wb") as out:
+                out.write(bytes(1000))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 0")
+        return real_save(contents, path)
+    monkeypatch.setattr(torch, "save", full_disk_at_step_4)
+    with pytest.raises(OSError, match="could not write .*0000004.pt .* earlier checkpoints are untouched"):
+        train.main(toy_args(toy_runs, tmp_path, "--max-steps", "4", "--ckpt-every", "2"))
+    monkeypatch.undo()
+    run_dir = tmp_path / "000-DiT-T-4-finediffusion"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000002.pt"] and not (run_dir / "lock").exists()
+    train.main(train.parse_args(["--resume", str(run_dir), "--max-steps", "4"]))
+    resumed, uninterrupted = (read_checkpoint(p) for p in (find_checkpoint(str(run_dir)), toy_runs["checkpoint"]))
+    assert resumed.step == 4 and all(torch.equal(resumed.model[k], v) for k, v in uninterrupted.model.items())
+    assert all(torch.equal(resumed.ema[k], v) for k, v in uninterrupted.ema.items())
+
+
+def test_a_set_of_unreadable_images_is_refused_before_a_run_folder(tmp_path):
+    for name in ("a0", "a1"):
+        (tmp_path / "images" / "a" / name).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "images" / "a" / name / f"{i}.png").write_text("not an image")
+    with pytest.raises(ValueError, match="no image under .* can be read"):
+        train.main(train.parse_args(["--data", "folder", "--data-path", str(tmp_path / "images"), "--vae", "none",
+                                     "--model", "DiT-T/4", "--image-size", "16", "--method", "full",
+                                     "--global-batch-size", "4", "--num-workers", "0",
+                                     "--results-dir", str(tmp_path / "results")]))
+    assert not (tmp_path / "results").exists()
+
+
 # ---- Nothing a user made is overwritten: run folders, resumes that branch, stale temporaries ----
 
 def test_a_new_run_never_reuses_a_folder(toy_runs, tmp_path):

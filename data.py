@@ -100,7 +100,13 @@ class Hierarchy:
         d = read_json(path)
         if not isinstance(d, dict):
             raise ValueError(f"{path} holds no class hierarchy: expected a JSON object")
-        return inat_hierarchy(d["categories"]) if "categories" in d else cls.from_dict(d)
+        if "categories" in d:
+            check_inat_json(d, path, ["categories"])
+            return inat_hierarchy(d["categories"])
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def lookup(self, query):
         """A fine class id from an id (412, "412") or a name: scientific or common, case-insensitive."""
@@ -322,6 +328,19 @@ def inat_category(dir_name):
     return dict(id=int(number), name=f"{genus} {epithet}", supercategory=superclass, image_dir_name=dir_name)
 
 
+def check_inat_json(meta, path, parts=tuple(INAT_JSON_KEYS)):
+    """The structure of iNat's JSON (its `parts`: lists of entries with the keys INAT_JSON_KEYS names), checked
+    before anything is looked up in it."""
+    for part in parts:
+        entries = meta.get(part) if isinstance(meta, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected iNat 2021's JSON, which has a list {part!r} ({INAT_SOURCE})")
+        lacking = next((e for e in entries if not (isinstance(e, dict) and set(INAT_JSON_KEYS[part]) <= set(e))), None)
+        if lacking is not None:
+            raise ValueError(f"{path}: every entry of {part!r} needs the keys {list(INAT_JSON_KEYS[part])}; one is "
+                             f"{str(lacking)[:100]} ({INAT_SOURCE})")
+
+
 def inat_hierarchy(categories):
     """Hierarchy from the JSON's categories (checked: id, name, supercategory), in category-id order; superclasses
     sorted by name."""
@@ -354,14 +373,7 @@ def load_inat(root, split, image_size, hflip=True):
     if isinstance(meta, dict) and "annotations" not in meta:
         raise ValueError(f"{json_path} has no annotations (iNat's test split is unlabelled): "
                          "use train_mini, train or val")
-    for part, needed in INAT_JSON_KEYS.items():  # the structure, before anything is looked up in it
-        entries = meta.get(part) if isinstance(meta, dict) else None
-        if not isinstance(entries, list):
-            raise ValueError(f"{json_path}: expected iNat 2021's JSON, which has a list {part!r} ({INAT_SOURCE})")
-        lacking = next((e for e in entries if not (isinstance(e, dict) and set(needed) <= set(e))), None)
-        if lacking is not None:
-            raise ValueError(f"{json_path}: every entry of {part!r} needs the keys {list(needed)}; one is "
-                             f"{str(lacking)[:100]} ({INAT_SOURCE})")
+    check_inat_json(meta, json_path)
     categories = sorted(meta["categories"], key=lambda c: c["id"])
     hierarchy = inat_hierarchy(categories)
     dir_names = [c.get("image_dir_name", "") for c in categories]

@@ -726,7 +726,7 @@ def main(argv=None):
         name = os.path.relpath(checkpoint, os.path.dirname(run_folder(checkpoint) or checkpoint))
         draw_figure7(fine, class_to_superclass, means, supers, names, out, tuple(args.size),
                      title=f"t-SNE of label embeddings: {name} ({args.weights} weights)")
-        print(f"saved {out} (the {args.weights} label table)")
+        print(f"saved {out} (the {args.weights} label table of {checkpoint})")
     elif args.command == "data":  # a data set's summary, its unreadable images, its class hierarchy as JSON
         hierarchy_out = args.save_hierarchy and new_file(args.save_hierarchy, "--save-hierarchy")
         dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split)

@@ -92,6 +92,26 @@ def test_inat_mismatches_are_detected(tmp_path):
         data.load_dataset("inat", str(tmp_path / "nothing"), 8)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m["categories"][0].pop("id"), r"every entry of 'categories' needs the keys \['id', 'name'"),
+    (lambda m: m.pop("images"), "which has a list 'images'"),
+    (lambda m: m["annotations"][0].update(category_id=999), r"annotations name 1 categories it does not define"),
+    (lambda m: m["annotations"].pop(), "1 images have no annotation"),
+    (lambda m: m.update(categories={"id": 1}), "which has a list 'categories'"),
+])
+def test_a_malformed_inat_json_is_refused_by_name(tmp_path, damage, message):
+    """Each in one line that names the file and what iNat's JSON has instead, never a KeyError; as a --hierarchy too."""
+    meta = write_inat(tmp_path)
+    damage(meta)
+    with open(tmp_path / "train_mini.json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=f"train_mini.json.*{message}"):
+        data.load_dataset("inat", str(tmp_path), 8)
+    if "'categories'" in message:  # what a class list read from the JSON relies on
+        with pytest.raises(ValueError, match=f"train_mini.json.*{message}"):
+            data.Hierarchy.from_json(str(tmp_path / "train_mini.json"))
+
+
 # ---- the hierarchy: lookup and serialisation ----
 
 def test_lookup_by_id_scientific_and_common_name(tmp_path):

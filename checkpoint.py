@@ -84,7 +84,9 @@ def tensors_of(contents):
     """Every tensor in nested dicts and lists."""
     if torch.is_tensor(contents):
         return [contents]
-    values = contents.values() if isinstance(contents, dict) else contents if isinstance(contents, (list, tuple)) else []
+    if isinstance(contents, dict):
+        contents = list(contents.values())
+    values = contents if isinstance(contents, (list, tuple)) else []
     return [t for value in values for t in tensors_of(value)]
 
 

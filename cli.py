@@ -101,7 +101,8 @@ def writable_folder(path, flag):
     folder = os.path.abspath(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    check(not os.path.isdir(folder) and f"{flag} {path}: {folder} is a file, not a folder: give a folder (made if missing)",
+    check(not os.path.isdir(folder) and f"{flag} {path}: {folder} is a file, not a folder: give a folder (made if "
+                                        f"missing)",
           not os.access(folder, os.W_OK) and f"{flag} {path}: {folder} is not writable (read-only, or not yours): "
                                               f"give a folder you can write to")
     return path

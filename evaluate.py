@@ -678,7 +678,7 @@ def main(argv=None):
         cli.check(os.path.isdir(args.results) and f"--results {args.results} is a folder: give a JSON file (new, or "
                                                    f"one of evaluate.py's results to add to)",
                   os.path.isfile(args.results) and not isinstance(read_json(args.results), dict) and f"--results "
-                  f"{args.results} holds JSON that is no results object of evaluate.py: give such a file, or a new path")
+                  f"{args.results} holds JSON that is no results object of evaluate.py: give one, or a new path")
         cli.writable_folder(os.path.dirname(os.path.abspath(args.results)), "--results")
     if args.command in ("ref-stats", "fid"):
         inception = load_inception(args.inception, args.device)

@@ -60,7 +60,8 @@ def parse_args(argv=None):
                    help="model calls (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")")
     p.add_argument("--num-samples", type=cli.number(int, 0, 1_000_000), default=0,
                    help="bulk: this many images over all classes (the papers' FID: 50,000)")
-    p.add_argument("--batch-size", type=cli.number(int, 1, 4096), default=32, help="images sampled at once, per process")
+    p.add_argument("--batch-size", type=cli.number(int, 1, 4096), default=32, help="images sampled at once, per "
+                                                                                   "process")
     p.add_argument("--out", default=None, help="the grid PNG, or a bulk run's folder (none: the run's samples/)")
     args = p.parse_args(argv)
     if args.num_sampling_steps is None:

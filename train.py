@@ -349,7 +349,8 @@ def main(args):
                 x = data.model_input(x, vae, device)
             loss = train_step(network, diffusion, opt, scaler, x, y.to(device, non_blocking=True), precision)
             save_due = rank == 0 and time.time() - saved_at > 60 * args.ckpt_minutes  # rank 0's clock decides
-            mean_loss, diverged, (stopping, save_due) = step_health(loss, trained, [stop.signum is not None, save_due], world_size)
+            mean_loss, diverged, (stopping, save_due) = step_health(loss, trained, [stop.signum is not None, save_due],
+                                                                    world_size)
             if diverged:  # the weights in memory are lost; no checkpoint holds them
                 log(f"step {step + 1}: the training diverged (loss {mean_loss:.4g}, or a weight non-finite or beyond "
                     f"{MAX_WEIGHT:g}); stopping before it reaches a checkpoint. The last good checkpoint is "

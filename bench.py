@@ -8,7 +8,9 @@ Training: images/s of train.py's step (autocast forward, fp32 hybrid loss, backw
 method in a fresh process (so peaks do not mix), the ratio to full fine-tuning, and on CUDA the model FLOPs
 utilisation. Sampling: images/s of guided DDPM steps for the base DiT and each method after merge().
 `--table` prints the paper's Table 2 instead: parameters per method, and the training throughput of finished
-runs read from their metrics.jsonl (`--runs results/*`).
+runs read from their metrics.jsonl (`--runs results/*`). `--estimates` prints what a step costs at full size,
+counted without running it (FLOPs, activation and state bytes), and what that makes on an A100, H100 and H200 at an
+assumed MFU: estimates, for machines this one is not.
 """
 import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: a quiet exit (cli.run restores Python's)
@@ -21,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import cli
@@ -28,7 +31,7 @@ from checkpoint import find_checkpoint, read_checkpoint, read_metrics, saved_che
 from cli import NON_NEGATIVE, POSITIVE, number
 from diffusion import SAMPLER_STEPS, create_diffusion, sample
 from model import DIT_CONFIGS, AutoencoderKL, DiT, dit_name
-from peft import METHODS, merge, parameter_table, prepare
+from peft import METHODS, count_parameters, merge, parameter_table, prepare
 from train import train_step
 
 NUM_CLASSES, NUM_SUPERCLASSES = 10000, 11  # iNat 2021's label table
@@ -50,6 +53,10 @@ def parse_args(argv=None):
                    help="samplers to compare at their usual step counts on a FineDiffusion model ('': none)")
     p.add_argument("--peak-tflops", type=number(float, 0.0, low_open=True), default=989.0,
                    help="the GPU's dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--estimates", action="store_true",
+                   help="print the counted FLOPs and bytes of a training step per method and, from them, GPU estimates")
+    p.add_argument("--mfu", type=number(float, 0.0, 1.0, low_open=True), default=0.4,
+                   help="the model FLOPs utilisation --estimates assumes")
     p.add_argument("--table", action="store_true", help="print Table 2 (parameters, throughput of --runs) instead")
     p.add_argument("--runs", nargs="*", default=[], help="train.py run folders whose metrics.jsonl --table reads")
     args = p.parse_args(argv)
@@ -74,13 +81,6 @@ def dit_config(args):
 def build(args, method, device):
     """A randomly initialised DiT prepared for `method` on iNat's 10,000 + 11 classes (weights do not matter)."""
     return prepare(DiT(**dit_config(args)).to(device), method, PARENTS)
-
-
-def forward_flops(args):
-    """Matmul FLOPs of one forward pass per image: 2 * (12 D^2 per token + 2 T D for attention) per block."""
-    cfg = dit_config(args)
-    D, L, T = cfg["hidden_size"], cfg["depth"], (cfg["input_size"] // cfg["patch_size"]) ** 2
-    return 2 * L * T * (12 * D * D + 2 * T * D)
 
 
 def timed(fn, steps, device, warmup=3, desc=None):
@@ -165,6 +165,63 @@ def sampler_comparison(args, device):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Counted work: what a training step costs at full size, without running it. The model runs on the meta device
+# (shapes, no numbers): torch's FlopCounterMode counts the FLOPs of the forward and the backward pass, and
+# saved-tensor hooks the bytes autograd keeps for the backward, under bf16 autocast as on a GPU. A GPU's figures
+# follow from them at a stated MFU: estimates, labelled so.
+
+GPUS = {"A100 80GB": (312e12, 80e9), "H100 SXM": (989e12, 80e9), "H200": (989e12, 141e9)}  # dense bf16 FLOP/s, bytes
+
+
+def count_step(config, method, batch):
+    """A training step of DiT(**config) prepared for `method` on `batch` images, counted on the meta device ->
+    (forward FLOPs, backward FLOPs, bytes saved for the backward, (total, trainable) parameters)."""
+    with torch.device("meta"):
+        model = prepare(DiT(**config).to("meta"), method, PARENTS)  # (pos_embed is made on the CPU)
+        x = torch.zeros(batch, config["in_channels"], config["input_size"], config["input_size"])
+        t, y = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+    saved = []
+    keep = lambda tensor: saved.append(0 if isinstance(tensor, torch.nn.Parameter) else
+                                       tensor.numel() * tensor.element_size()) or tensor
+    with FlopCounterMode(display=False) as forward, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+    with FlopCounterMode(display=False) as backward:
+        out.float().mean().backward()
+    return forward.get_total_flops(), backward.get_total_flops(), sum(saved), count_parameters(model)
+
+
+def counted_work(config, method):
+    """Per image: forward and backward FLOPs and activation bytes (the difference of a 2- and a 1-image step); per
+    step: the bytes that do not grow with the batch: fp32 weights, the gradients, AdamW's two moments and the EMA of
+    what trains, and the bf16 weight copies autocast keeps for the backward."""
+    (f1, b1, a1, _), (f2, b2, a2, (total, trainable)) = (count_step(config, method, n) for n in (1, 2))
+    return dict(forward=f2 - f1, backward=b2 - b1, activations=a2 - a1,
+                fixed=4 * total + (4 + 8 + 4) * trainable + (2 * a1 - a2), trainable=trainable / total)
+
+
+def estimates_markdown(args):
+    """--estimates: counted FLOPs and bytes per method at --model and --image-size, and what they make on each GPU
+    of GPUS at --mfu (the batch that fits 90% of its memory, images/s)."""
+    config = dit_config(args)
+    lines = [f"{args.model} at {args.image_size} px, bf16 autocast, counted per training step (FineDiffusion's frozen "
+             f"weights need no weight gradients); GPU columns are ESTIMATES at {args.mfu:.0%} MFU, not measurements:\n",
+             "| method | trains | GFLOPs/image fwd + bwd | activations MiB/image | fixed GiB | "
+             + " | ".join(f"{gpu}: batch, images/s" for gpu in GPUS) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(GPUS)]
+    for method in tqdm(args.methods, desc="counting", leave=False):
+        work = counted_work(config, method)
+        flops = work["forward"] + work["backward"]
+        fits = [int((0.9 * memory - work["fixed"]) // work["activations"]) for _, memory in GPUS.values()]
+        lines.append(f"| {method} | {100 * work['trainable']:.2f}% | {work['forward'] / 1e9:,.1f} + "
+                     f"{work['backward'] / 1e9:,.1f} | {work['activations'] / 2**20:,.0f} | "
+                     f"{work['fixed'] / 2**30:.1f} | "
+                     + " | ".join(f"{batch}, {args.mfu * peak / flops:,.0f}" if batch > 0 else "does not fit"
+                                  for batch, (peak, _) in zip(fits, GPUS.values())) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Table 2: parameters per method, and what finished runs measured
 
 def training_throughput(runs):
@@ -215,8 +272,8 @@ def parameter_markdown(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.table:
-        print(parameter_markdown(args))
+    if args.table or args.estimates:
+        print(parameter_markdown(args) if args.table else estimates_markdown(args))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -243,8 +300,9 @@ def main(argv=None):
     for method, (seconds, peak) in rows.items():
         line = (f"| {method} | {args.batch_size / seconds:.1f} | {full[0] / seconds:.2f}x | {peak:.2f} | "
                 f"{peak / full[1]:.2f}x |")
-        if device.type == "cuda":  # full trains every weight: 3 forward passes' worth; frozen weights skip one
-            flops = forward_flops(args) * args.batch_size * (3 if method == "full" else 2)
+        if device.type == "cuda":  # the FLOPs counted for this method's step (frozen weights: no weight gradients)
+            work = counted_work(dit_config(args), method)
+            flops = (work["forward"] + work["backward"]) * args.batch_size
             line += f" {100 * flops / seconds / (args.peak_tflops * 1e12):.1f}% |"
         print(line)
     if args.sample_steps:

@@ -170,6 +170,13 @@ def step_health(loss, params, requests, world_size):
     return health[0].item() / world_size, health[1].item() > 0, [r > 0 for r in health[2:].tolist()]
 
 
+@torch.no_grad()
+def update_ema(averaged, trained, decay):
+    """averaged = decay * averaged + (1 - decay) * trained, over the trained tensors only, in one fused update (a
+    1.77% method pays for its 1.77%); bit-identical to lerp_ tensor by tensor."""
+    torch._foreach_lerp_(averaged, [p.detach().float() for p in trained], 1 - decay)
+
+
 def batches(dataset, args, step, rank, world_size, device):
     """This rank's batches from `step` on: a seeded permutation per epoch, so a resumed run skips what it has seen."""
     local_batch = args.global_batch_size // world_size
@@ -334,6 +341,8 @@ def main(args):
         if changed:
             log("changed on resume: " + ", ".join(f"{cli.flag(k)} {old} -> {new}" for k, (old, new) in changed.items()))
     ddp_model = DDP(model, device_ids=[device] if cuda else None) if world_size > 1 else model
+    if args.compile:  # random ops drawn as eager draws them: --compile changes the speed, not the label dropout
+        torch._inductor.config.fallback_random = True
     network = torch.compile(ddp_model) if args.compile else ddp_model
     trained, averaged = list(trained.values()), [ema[name] for name in trained]
 
@@ -356,9 +365,8 @@ def main(args):
                     f"{MAX_WEIGHT:g}); stopping before it reaches a checkpoint. The last good checkpoint is "
                     f"{last_saved or 'none (none was saved)'}: resume from it with a lower --lr, or --precision fp32.")
                 raise SystemExit(1)
-            decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            with torch.no_grad():  # EMA of the trained parameters only, in one fused update
-                torch._foreach_lerp_(averaged, [p.detach().float() for p in trained], 1 - decay)
+            update_ema(averaged, trained, min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup
+                       else args.ema_decay)
             step = step + 1
             progress.update()
             meter.update(step, mean_loss)

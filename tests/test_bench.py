@@ -12,7 +12,8 @@ import torch
 import bench
 from diffusion import SAMPLER_STEPS
 from checkpoint import METRICS_FILE, load_model
-from peft import METHODS, count_parameters
+from model import DiT
+from peft import METHODS, count_parameters, prepare
 
 
 def write_metrics(run_dir, method, images_per_s):
@@ -77,3 +78,29 @@ def test_peak_memory_where_the_platform_can_tell(monkeypatch):
         assert bench.peak_memory(torch.device("cpu")) == peak
     monkeypatch.setitem(sys.modules, "resource", None)  # import resource raises ImportError
     assert math.isnan(bench.peak_memory(torch.device("cpu")))
+
+
+TINY = dict(depth=2, hidden_size=64, patch_size=2, num_heads=4, input_size=8, in_channels=4)
+
+
+def test_counted_flops_are_the_layers_multiply_adds():
+    """bench's count (torch's FLOP counter, on the meta device) of a tiny DiT equals 2 x the multiply-adds of its
+    layers, tallied by hooks on a real forward: every Linear and Conv2d (L), and attention's two T x T products per
+    block (A). Backward: full fine-tuning takes both gradients of every layer, but no input gradient for the two
+    that read data (F: the patches, the timestep frequencies); FineDiffusion, whose weights are frozen, takes input
+    gradients only (its biases' and norms' gradients are sums, not products)."""
+    model, macs = DiT(**TINY).eval(), {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # one dot product over weight[0] per output
+            module.register_forward_hook(lambda m, i, out, name=name: macs.update({name: out.numel() *
+                                                                                         m.weight[0].numel()}))
+    model(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    tokens = (TINY["input_size"] // TINY["patch_size"]) ** 2
+    L, A = sum(macs.values()), TINY["depth"] * 2 * tokens * tokens * TINY["hidden_size"]
+    F = macs["x_embedder.proj"] + macs["t_embedder.mlp.0"]
+    full, fine = (bench.counted_work(TINY, method) for method in ("full", "finediffusion"))
+    assert full["forward"] == fine["forward"] == 2 * (L + A)
+    assert full["backward"] == 2 * (2 * L - F + 2 * A) and fine["backward"] == 2 * (L - F + 2 * A)
+    total, trainable = count_parameters(prepare(DiT(**TINY), "finediffusion", bench.PARENTS))
+    assert fine["trainable"] == trainable / total and fine["activations"] < full["activations"]
+    assert full["fixed"] > 16 * 0.99 * total and 4 * total < fine["fixed"] < full["fixed"]  # AdamW + EMA of what trains

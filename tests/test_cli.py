@@ -12,6 +12,7 @@ import torch
 import bench
 import cli
 import evaluate
+import fullsize
 import sample
 import toy
 import train
@@ -19,7 +20,7 @@ from conftest import ROOT
 
 SCRIPTS = dict(train=lambda argv: train.main(train.parse_args(argv)), sample=lambda argv: sample.main(
     sample.parse_args(argv)), evaluate=evaluate.main, data=lambda argv: evaluate.main(["data", *argv]),
-    bench=bench.main)
+    bench=bench.main, fullsize=lambda argv: fullsize.main(fullsize.parse_args(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def cases(toy):
         ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}/list.json"],
          "no results object"),
         ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}"], "is a folder"),
+        ("fullsize", ["--images", "1"], ">= 2"), ("fullsize", ["--out", "{bad}/text.pt"], "exists and is not "),
         ("bench", ["--steps", "0"], ">= 1"), ("bench", ["--methods", "adapter"], "unknown ['adapter']"),
         ("bench", ["--image-size", "100"], "multiple of 16"), ("bench", ["--samplers", "euler"], "unknown ['euler']"),
     ]
@@ -142,7 +144,10 @@ def test_a_real_process_prints_one_line(bad_files, tmp_path, script, argv):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "toy.py"])
+SCRIPT_FILES = ["train.py", "sample.py", "evaluate.py", "bench.py", "toy.py", "fullsize.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPT_FILES)
 def test_help_shows_every_default(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -198,8 +203,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script, argv", [(s, ["--help"]) for s in ("train.py", "sample.py", "evaluate.py", "bench.py",
-                                                                      "toy.py")] + [("train.py", "toy")])
+@pytest.mark.parametrize("script, argv", [(s, ["--help"]) for s in SCRIPT_FILES] + [("train.py", "toy")])
 def test_no_linux_only_call(script, argv, tmp_path):
     """Every script answers --help, and trains on the toy set it draws, without os.sched_getaffinity, `resource`
     and /proc (as on macOS and Windows, or nodes whose process tables differ)."""

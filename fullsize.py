@@ -80,8 +80,8 @@ MEASURED = ("import pathlib, resource, subprocess, sys; code = subprocess.call(s
 
 
 def stage(name, command, report, root):
-    """Run a script of this repository (its output shown as it comes), in a wrapper that reads the peak memory of
-    its processes -> seconds; a failure ends the check."""
+    """Run a script of this repository (its output shown as it comes) in a wrapper that reads the peak memory of its
+    processes, and report its time and that peak; a failure ends the check."""
     start, peak_file = time.time(), os.path.join(root, "peak.txt")
     code = subprocess.call([sys.executable, "-c", MEASURED, peak_file, *command], cwd=ROOT)
     seconds = time.time() - start
@@ -90,7 +90,6 @@ def stage(name, command, report, root):
         peak = int(f.read()) * (1 if sys.platform == "darwin" else 1024) / 2**30
     os.remove(peak_file)
     report(f"{name}: {cli.duration(seconds)}, peak memory of its largest process {peak:.1f} GiB")
-    return seconds
 
 
 def main(args):
@@ -120,8 +119,9 @@ def main(args):
                for k, v in getattr(uninterrupted, w).items())
     report(f"the resumed step 2 equals the uninterrupted one bit for bit: {same}")
     stage(f"sample.py: DPM-Solver++ {args.sampling_steps} steps, FineDiffusion guidance (Eq. 1)", [
-        sys.executable, "sample.py", "--ckpt", run, "--class", "0", "--n", "1", "--sampler", "dpm++", "--num-sampling-steps",
-        str(args.sampling_steps), "--guidance", "fine", "--out", os.path.join(root, "class-0.png")], report, root)
+        sys.executable, "sample.py", "--ckpt", run, "--class", "0", "--n", "1", "--sampler", "dpm++",
+        "--num-sampling-steps", str(args.sampling_steps), "--guidance", "fine",
+        "--out", os.path.join(root, "class-0.png")], report, root)
     total, trainable = count_parameters(load_model(checkpoint_file(run, 2), merged=False)[0])
     size = sum(t.numel() * t.element_size() for t in uninterrupted.model.values()) / 2**20
     report(f"the delta: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%; the paper: "

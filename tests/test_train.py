@@ -91,6 +91,24 @@ def test_torchrun_two_processes_stay_in_sync(toy_runs, tmp_path):
     assert log.count("step 0000002") == 1 and "2 process(es)" in log
 
 
+def test_sigterm_to_torchrun_saves_and_names_the_torchrun_command(toy_runs, tmp_path):
+    """A scheduler's SIGTERM to torchrun reaches both ranks: they finish the step, save one checkpoint, and the log
+    says how to continue, with the torchrun command the run was launched with."""
+    args = toy_runs["common"] + ["--split", "target", "--method", "finediffusion", "--ckpt", toy_runs["base"],
+                                 "--max-steps", "100000", "--ckpt-every", "100000", "--results-dir", str(tmp_path)]
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "000-DiT-T-4-finediffusion" / METRICS_FILE
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=120)
+    saved = os.listdir(metrics_file.parent / "checkpoints")
+    hint = f"continue with: torchrun --nproc_per_node=2 train.py --resume {metrics_file.parent / 'checkpoints'}/"
+    assert len(saved) == 1 and hint + saved[0] in (metrics_file.parent / "log.txt").read_text()
+
+
 def test_resume_on_another_world_size(toy_runs, tmp_path):
     """A one-process checkpoint continues on two processes: fresh random streams, said in the log."""
     run_dir = shutil.copytree(toy_runs["run_dir"], tmp_path / "run")

@@ -192,32 +192,38 @@ def count_step(config, method, batch):
 
 
 def counted_work(config, method):
-    """Per image: forward and backward FLOPs and activation bytes (the difference of a 2- and a 1-image step); per
-    step: the bytes that do not grow with the batch: fp32 weights, the gradients, AdamW's two moments and the EMA of
-    what trains, and the bf16 weight copies autocast keeps for the backward."""
+    """Per image: forward and backward FLOPs and activation bytes (the difference of a 2- and a 1-image step). Per
+    step, the bytes that do not grow with the batch: fp32 weights; the gradients, AdamW's two moments and the EMA
+    (fp32) of what trains; the bf16 weight copies autocast keeps for the backward."""
     (f1, b1, a1, _), (f2, b2, a2, (total, trainable)) = (count_step(config, method, n) for n in (1, 2))
-    return dict(forward=f2 - f1, backward=b2 - b1, activations=a2 - a1,
-                fixed=4 * total + (4 + 8 + 4) * trainable + (2 * a1 - a2), trainable=trainable / total)
+    return dict(forward=f2 - f1, backward=b2 - b1, activations=a2 - a1, weights=4 * total, gradients=4 * trainable,
+                adamw=8 * trainable, ema=4 * trainable, copies=2 * a1 - a2, trainable=trainable / total)
+
+
+STATE = ("weights", "gradients", "adamw", "ema", "copies")  # what a step holds whatever its batch
 
 
 def estimates_markdown(args):
-    """--estimates: counted FLOPs and bytes per method at --model and --image-size, and what they make on each GPU
-    of GPUS at --mfu (the batch that fits 90% of its memory, images/s)."""
-    config = dit_config(args)
-    lines = [f"{args.model} at {args.image_size} px, bf16 autocast, counted per training step (FineDiffusion's frozen "
-             f"weights need no weight gradients); GPU columns are ESTIMATES at {args.mfu:.0%} MFU, not measurements:\n",
-             "| method | trains | GFLOPs/image fwd + bwd | activations MiB/image | fixed GiB | "
-             + " | ".join(f"{gpu}: batch, images/s" for gpu in GPUS) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(GPUS)]
-    for method in tqdm(args.methods, desc="counting", leave=False):
-        work = counted_work(config, method)
-        flops = work["forward"] + work["backward"]
-        fits = [int((0.9 * memory - work["fixed"]) // work["activations"]) for _, memory in GPUS.values()]
-        lines.append(f"| {method} | {100 * work['trainable']:.2f}% | {work['forward'] / 1e9:,.1f} + "
-                     f"{work['backward'] / 1e9:,.1f} | {work['activations'] / 2**20:,.0f} | "
-                     f"{work['fixed'] / 2**30:.1f} | "
-                     + " | ".join(f"{batch}, {args.mfu * peak / flops:,.0f}" if batch > 0 else "does not fit"
-                                  for batch, (peak, _) in zip(fits, GPUS.values())) + " |")
+    """--estimates: counted FLOPs and bytes per method at --model and --image-size, then what they make on each GPU
+    of GPUS at --mfu: the batch that fits 90% of its memory, and images/s."""
+    methods = tqdm(args.methods, desc="counting", leave=False)
+    work = {method: counted_work(dit_config(args), method) for method in methods}
+    lines = [f"{args.model} at {args.image_size} px, bf16 autocast, counted per training step (frozen weights need no "
+             f"weight gradients):\n",
+             "| method | trains | GFLOPs/image forward | backward | weights | gradients | AdamW | EMA | bf16 copies | "
+             "activations/image |", "|---|" + "---:|" * 9]
+    lines += [f"| {method} | {100 * w['trainable']:.2f}% | {w['forward'] / 1e9:,.1f} | {w['backward'] / 1e9:,.1f} | "
+              + " | ".join(f"{w[k] / 2**30:.2f} GiB" for k in STATE) + f" | {w['activations'] / 2**20:,.0f} MiB |"
+              for method, w in work.items()]
+    lines += [f"\nESTIMATES, not measurements: images/s at {args.mfu:.0%} MFU of each GPU's published dense bf16 peak, "
+              f"and the batch that fits 90% of its memory:\n",
+              "| method | " + " | ".join(f"{gpu}: batch, images/s" for gpu in GPUS) + " |",
+              "|---|" + "---:|" * len(GPUS)]
+    for method, w in work.items():
+        fits = [int((0.9 * memory - sum(w[k] for k in STATE)) // w["activations"]) for _, memory in GPUS.values()]
+        lines.append(f"| {method} | " + " | ".join(
+            f"{batch}, {args.mfu * peak / (w['forward'] + w['backward']):,.0f}" if batch > 0 else "does not fit"
+            for batch, (peak, _) in zip(fits, GPUS.values())) + " |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ A run on disk: run folders and their names, the checkpoint format, and `load_mod
         log.txt                      what train.py said
         metrics.jsonl                one JSON line per logged step: {step, loss, steps_per_s, images_per_s, lr, method}
         samples/                     grids and bulk samples, of the training and of sample.py
+        lock                         while a process writes the run: who it is (data.Lock; one writer per run)
 
 A name stands for its newest run, a run for its newest checkpoint (`find_checkpoint`). A delta (a method freezing part
 of its base) names its base by path and sha256 (`fingerprint`); `load_model`: base -> prepare -> tensors -> merge.

@@ -3,8 +3,9 @@ The command-line conventions every script shares, in one place (the role nanoGPT
 --help shows each flag's default; numbers say their valid range; an output path is never one that is taken;
 and `run(main)`, each script's entry, turns a user's mistake into one line on stderr and a non-zero exit.
 
-Below the scripts, functions raise ValueError or FileNotFoundError saying what is wrong with the thing itself (a
-file, a key, a class); `run` prints that message once (by rank 0 under torchrun) and exits with code 1.
+Below the scripts, functions raise ValueError or OSError saying what is wrong with the thing itself (a file, a key,
+a class, a full disk); `run` prints that message once (by rank 0 under torchrun) and exits with code 1. Under
+torchrun, `by_rank_zero` has rank 0 alone do a thing (write a file, take a lock) and every rank learn how it went.
 """
 import argparse
 import math
@@ -92,7 +93,6 @@ def plain_name(name, flag):
     if name is not None and not re.fullmatch(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*", name):
         raise ValueError(f"{flag} {name!r}: a name must be one plain folder name (letters, digits, . _ + -, not "
                          f"starting with a dot), e.g. my-run")
-    return name
 
 
 def writable_folder(path, flag):
@@ -105,7 +105,6 @@ def writable_folder(path, flag):
                                         f"missing)",
           not os.access(folder, os.W_OK) and f"{flag} {path}: {folder} is not writable (read-only, or not yours): "
                                               f"give a folder you can write to")
-    return path
 
 
 def check(*problems):
@@ -146,6 +145,7 @@ def is_rank_zero():
 
 
 def distributed():
+    """Whether this process is one of several (torchrun)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -178,7 +178,7 @@ def run(main):
     missing or unreadable, a disk full), or a SystemExit with a message, is printed once as one line, and every rank
     leaves its process group and exits with code 1; Ctrl-C outside a loop that handles it exits with 130. A traceback
     is a bug of ours."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # (each script ignores Ctrl-C's traceback while loading)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (each script's first line quiets it while torch loads)
     try:
         return main()
     except (ValueError, OSError, SystemExit, KeyboardInterrupt) as error:

@@ -2,7 +2,7 @@
 The full-size path, run end to end on any machine, a CPU too: DiT-XL/2 at 256 px fine-tuned with FineDiffusion on
 iNat 2021's 10,000 classes in 11 superclasses, through the very commands users run.
 
-    python fullsize.py                  # into a new folder fullsize-check/ (about 25 min on 2 CPU cores, 12 GiB)
+    python fullsize.py                  # into a new folder fullsize-check/ (20-25 min on 2 CPU cores, 12 GiB)
 
 1. Files in the real formats: a DiT-XL/2 of random weights as the official checkpoint is (a state dict, 1,001 label
    rows), a VAE of random weights in the SD VAE's architecture (a diffusers .bin), and an iNat 2021 tree

@@ -7,8 +7,9 @@ Layouts read (`load_dataset(kind, path, image_size, split)` -> (dataset, hierarc
             *.jpg with path/train_mini.json (or train/, val/); without the JSON, the folder names give the hierarchy
     vegfru  VegFru as released: path/veg200_images/<class>/v_SS_CC_NNNN.jpg, path/fru92_images/<class>/f_SS_CC_NNNN.jpg
             and path/vegfru_list/vegfru_{train,val,test}.txt (+ supvegfru_*.txt superclass ids where present)
-    folder  any path/<superclass>/<class>/*.jpg tree
+    folder  any path/<superclass>/<class>/*.jpg tree, or deeper (path/<superclass>/<group>/<class>/*.jpg)
     toy     a small synthetic set drawn with pillow from a seed, written as a folder tree (path/source, path/target)
+    taxa    the same drawing as a taxonomy of three levels (superclass / genus / species), 120 target species
 
 Items are (image (3, H, W) in [-1, 1], fine label). Index i is image i // 2, mirrored when i is odd, so a seeded
 sampler alone decides what a step sees (exact resume). `build_latent_cache` encodes every image (both mirrors)
@@ -62,25 +63,42 @@ def name_key(name):
 
 
 class Hierarchy:
-    """Fine classes (ids 0..C-1), superclasses (ids 0..S-1) and which superclass each fine class belongs to."""
+    """Fine classes (ids 0..C-1), superclasses (ids 0..S-1) and which superclass each fine class belongs to; and,
+    where the data has them, the ranks between (iNat's genus, family, order, class; a deeper folder tree's groups):
+    `levels`, finest first, each dict(name=rank, group_names=[...], class_to_group=[one id per class])."""
 
-    def __init__(self, class_names, superclass_names, class_to_superclass, common_names=None):
+    def __init__(self, class_names, superclass_names, class_to_superclass, common_names=None, levels=()):
         self.class_names = [str(n) for n in class_names]
         self.superclass_names = [str(n) for n in superclass_names]
         self.class_to_superclass = [int(s) for s in class_to_superclass]
         self.common_names = [str(n) for n in common_names] if common_names is not None else [""] * len(class_names)
+        self.levels = [dict(name=str(level["name"]), group_names=[str(n) for n in level["group_names"]],
+                            class_to_group=[int(g) for g in level["class_to_group"]]) for level in levels]
         if not len(self.class_names) == len(self.class_to_superclass) == len(self.common_names):
             raise ValueError(f"hierarchy: {len(self.class_names)} class names, {len(self.class_to_superclass)} "
                              f"superclass ids and {len(self.common_names)} common names must agree")
-        bad = [i for i, s in enumerate(self.class_to_superclass) if not 0 <= s < len(self.superclass_names)]
-        if bad:
-            raise ValueError(f"hierarchy: classes {bad[:5]} point at no superclass "
-                             f"(valid: 0..{len(self.superclass_names) - 1})")
+        for name, groups, of_class in self.ranks()[1:]:
+            if len(of_class) != len(self.class_names):
+                raise ValueError(f"hierarchy: {len(of_class)} {name} ids for {len(self.class_names)} classes")
+            if bad := [i for i, g in enumerate(of_class) if not 0 <= g < len(groups)]:
+                raise ValueError(f"hierarchy: classes {bad[:5]} point at no {name} (valid: 0..{len(groups) - 1})")
+        for (finer, _, fine_of), (coarser, _, coarse_of) in zip(self.ranks()[1:], self.ranks()[2:]):
+            parents = {}
+            if any(parents.setdefault(f, c) != c for f, c in zip(fine_of, coarse_of)):
+                raise ValueError(f"hierarchy: a {finer} lies in two different {coarser} groups: each rank must nest in "
+                                 f"the next")
         self._index = None
+
+    def ranks(self):
+        """[(rank, names, the rank's id of each class)] from the fine classes to the superclasses."""
+        return ([("fine", self.class_names, list(range(len(self.class_names))))]
+                + [(level["name"], level["group_names"], level["class_to_group"]) for level in self.levels]
+                + [("superclass", self.superclass_names, self.class_to_superclass)])
 
     def to_dict(self):
         return dict(class_names=self.class_names, superclass_names=self.superclass_names,
-                    class_to_superclass=self.class_to_superclass, common_names=self.common_names)
+                    class_to_superclass=self.class_to_superclass, common_names=self.common_names,
+                    **{"levels": self.levels} if self.levels else {})
 
     @classmethod
     def from_dict(cls, d):
@@ -88,7 +106,8 @@ class Hierarchy:
         if missing:
             raise ValueError(f"not a class hierarchy: no {missing} (expected the 'hierarchy' of a train.py checkpoint, "
                              f"a JSON written by Hierarchy.to_json, or iNat's train_mini.json)")
-        return cls(d["class_names"], d["superclass_names"], d["class_to_superclass"], d.get("common_names"))
+        return cls(d["class_names"], d["superclass_names"], d["class_to_superclass"], d.get("common_names"),
+                   d.get("levels", ()))
 
     def to_json(self, path):
         with open(path, "w") as f:
@@ -280,27 +299,46 @@ def subfolders(folder):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The generic layout root/<superclass>/<class>/*.jpg. Class ids follow sorted superclasses, then sorted classes
-# within each (the order evaluate.py reads reference folders in).
+# The generic layout root/<superclass>/<class>/*.jpg, or deeper: root/<superclass>/<group>/.../<class>/*.jpg with
+# every class folder at the same depth (the folders between are ranks: groups). Class ids follow the sorted paths
+# (the order evaluate.py reads reference folders in).
 
-def load_folder(root, image_size, hflip=True):
+def class_folders(root, depth):
+    """The relative paths (tuples of `depth` names) of the folders `depth` levels below root, sorted."""
+    paths = [()]
+    for _ in range(depth):
+        paths = [path + (name,) for path in paths for name in subfolders(os.path.join(root, *path))]
+    return paths
+
+
+def load_folder(root, image_size, hflip=True, rank_names=None):
     """A class folder without images, and so a superclass without classes, is left out, with one warning line: a
-    class that cannot be learned would otherwise be sampled as if it had been."""
-    found = [(superclass, name, list_images(os.path.join(root, superclass, name)))
-             for superclass in subfolders(root) for name in subfolders(os.path.join(root, superclass))]
-    classes = [(superclass, name, images) for superclass, name, images in found if images]
+    class that cannot be learned would otherwise be sampled as if it had been. The ranks between superclass and
+    class are named `rank_names` (default: group, or group 1, group 2, ...)."""
+    def images_at(depth):
+        return [(path, list_images(os.path.join(root, *path))) for path in class_folders(root, depth)]
+    depth, found = 2, images_at(2)
+    while not any(images for _, images in found) and any(subfolders(os.path.join(root, *p)) for p, _ in found):
+        depth, found = depth + 1, images_at(depth + 1)  # no images here and folders below: the classes are deeper
+    classes = [(path, images) for path, images in found if images]
     if not classes:
         raise FileNotFoundError(f"no images in {root}: expected the layout {root}/<superclass>/<class>/*.jpg")
-    superclass_names = list(dict.fromkeys(superclass for superclass, _, _ in classes))  # sorted, as subfolders
-    empty = [os.path.join(superclass, name) for superclass, name, images in found if not images]
+    superclass_names = list(dict.fromkeys(path[0] for path, _ in classes))  # sorted, as subfolders
+    empty = [os.path.join(*path) for path, images in found if not images]
     dropped = sorted(set(subfolders(root)) - set(superclass_names))
     if empty or dropped:
         print(f"data: left out {len(empty)} class folders without images ({', '.join(empty[:5])}) and "
               f"{len(dropped)} superclasses without classes ({', '.join(dropped[:5])}) of {root}", file=sys.stderr)
-    files = [os.path.join(superclass, name, f) for superclass, name, images in classes for f in images]
-    labels = [label for label, (_, _, images) in enumerate(classes) for _ in images]
-    hierarchy = Hierarchy([name for _, name, _ in classes], superclass_names,
-                          [superclass_names.index(superclass) for superclass, _, _ in classes])
+    rank_names = rank_names or (["group"] if depth == 3 else [f"group {k}" for k in range(1, depth - 1)])
+    levels = []
+    for k, name in zip(range(depth - 2, 0, -1), rank_names[::-1]):  # finest rank first: the class folder's parent
+        groups = list(dict.fromkeys(path[:k + 1] for path, _ in classes))  # a group is its whole path
+        levels.append(dict(name=name, group_names=[g[-1] for g in groups],
+                           class_to_group=[groups.index(path[:k + 1]) for path, _ in classes]))
+    files = [os.path.join(*path, f) for path, images in classes for f in images]
+    labels = [label for label, (_, images) in enumerate(classes) for _ in images]
+    hierarchy = Hierarchy([path[-1] for path, _ in classes], superclass_names,
+                          [superclass_names.index(path[0]) for path, _ in classes], levels=levels)
     return ImageDataset(root, files, labels, image_size, hflip), hierarchy
 
 
@@ -314,6 +352,9 @@ INAT_SUPERCLASS_OF_CLASS = {"Insecta": "Insects", "Aves": "Birds", "Reptilia": "
                             "Actinopterygii": "Ray-finned Fishes", "Amphibia": "Amphibians", "Arachnida": "Arachnids"}
 
 
+INAT_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus")  # the JSON's keys, as in the folder names
+
+
 def inat_category(dir_name):
     """'00412_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus' -> its category as the JSON has
     it (id, name, supercategory from the taxonomy, image_dir_name), or None for a name of another form."""
@@ -325,7 +366,8 @@ def inat_category(dir_name):
         superclass = "Mollusks" if phylum == "Mollusca" else INAT_SUPERCLASS_OF_CLASS.get(taxon_class, "Animalia")
     else:  # Plants, Fungi; a kingdom not in iNat 2021 is kept visible rather than folded into another superclass
         superclass = {"Plantae": "Plants"}.get(kingdom, kingdom)
-    return dict(id=int(number), name=f"{genus} {epithet}", supercategory=superclass, image_dir_name=dir_name)
+    return dict(id=int(number), name=f"{genus} {epithet}", supercategory=superclass, image_dir_name=dir_name,
+                **dict(zip(INAT_RANKS, parts[1:7])))
 
 
 def check_inat_json(meta, path, parts=tuple(INAT_JSON_KEYS)):
@@ -343,12 +385,21 @@ def check_inat_json(meta, path, parts=tuple(INAT_JSON_KEYS)):
 
 def inat_hierarchy(categories):
     """Hierarchy from the JSON's categories (checked: id, name, supercategory), in category-id order; superclasses
-    sorted by name."""
+    sorted by name; the ranks class, order, family and genus between, where every category names them (a group is
+    its whole lineage, so ranks nest and Morus the mulberry and Morus the gannet are two genera)."""
     categories = sorted(categories, key=lambda c: c["id"])
     superclass_names = sorted({c["supercategory"] for c in categories})
+    levels = []
+    for k in range(len(INAT_RANKS) - 1, 1, -1):  # genus, family, order, class: finest first
+        if all(rank in c for c in categories for rank in INAT_RANKS[:k + 1]):
+            lineages = [(c["supercategory"],) + tuple(str(c[rank]) for rank in INAT_RANKS[:k + 1]) for c in categories]
+            groups = sorted(set(lineages))
+            group_of = {g: i for i, g in enumerate(groups)}
+            levels.append(dict(name=INAT_RANKS[k], group_names=[g[-1] for g in groups],
+                               class_to_group=[group_of[g] for g in lineages]))
     return Hierarchy([c["name"] for c in categories], superclass_names,
                      [superclass_names.index(c["supercategory"]) for c in categories],
-                     [c.get("common_name", "") for c in categories])
+                     [c.get("common_name", "") for c in categories], levels)
 
 
 def load_inat(root, split, image_size, hflip=True):
@@ -466,19 +517,46 @@ def load_vegfru(root, split, image_size, hflip=True):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The toy set: small pictures (32x32 by default) drawn with pillow from a seed. Superclasses differ at a glance
-# (shape, colour, background pattern); the fine classes of a superclass differ subtly (a small hue shift, the
-# number of stripes, the corner of a tiny mark). 'source' (the role ImageNet plays) and 'target' (new fine
-# classes, in the source's superclasses and in a new one) are folder trees root/<split>/<superclass>/<class>/*.png.
+# The toy sets: small pictures drawn with pillow from a seed. Superclasses differ at a glance (shape, colour,
+# background pattern); the fine classes of a superclass differ subtly (a small hue shift, the number of stripes,
+# marks in the corners). 'source' (the role ImageNet plays) and 'target' (new fine classes, in the source's
+# superclasses and in a new one) are folder trees root/<split>/<superclass>/.../<class>/*.png.
+#   toy   16 source and 10 target classes, two levels: the quick first run (toy.py, at 16 px)
+#   taxa  a taxonomy of three levels, superclass / genus (the number of stripes) / species (a hue shift and marks
+#         in the corners), 96 source and 120 target species, every attribute at least 2 px wide at 32 px. A target
+#         species is a combination of attributes the source shows, but not in that combination (as iNat's species
+#         are new to a model pre-trained on ImageNet); the fifth superclass is one the source never shows.
 
 TOY_VERSION = 1
 TOY_SUPERCLASSES = [  # name, shape, hue, background
     ("discs", "disc", 0.00, "gradient"), ("squares", "square", 0.33, "stripes"),
-    ("triangles", "triangle", 0.60, "checker"), ("diamonds", "diamond", 0.13, "dots")]
-# fine classes within a superclass: (hue shift, number of stripes, corner of the mark)
-TOY_VARIANTS = [(0.00, 1, 0), (0.06, 1, 1), (0.00, 2, 2), (0.06, 2, 3), (0.03, 3, 0), (0.03, 3, 3)]
+    ("triangles", "triangle", 0.60, "checker"), ("diamonds", "diamond", 0.13, "dots"),
+    ("crosses", "cross", 0.80, "diagonal")]
+# fine classes within a superclass: (hue shift, number of stripes, corners holding a mark: 0 1 top, 2 3 bottom)
+TOY_VARIANTS = [(0.00, 1, (0,)), (0.06, 1, (1,)), (0.00, 2, (2,)), (0.06, 2, (3,)), (0.03, 3, (0,)), (0.03, 3, (3,))]
 TOY_SPLITS = {"source": [(s, v) for s in range(3) for v in range(4)],
               "target": [(s, v) for s in range(3) for v in (4, 5)] + [(3, v) for v in range(4)]}
+TAXA_STRIPES = ("plain", "1stripe", "2stripes", "3stripes")  # the genera of each superclass
+TAXA_MARKS = {"nomark": (), "top": (0, 1), "bottom": (2, 3), "corners": (0, 1, 2, 3)}  # alike in a mirror
+TAXA_HUE_SHIFTS = (0.0, 0.05, 0.10)
+
+
+def toy_classes(kind, split):
+    """The classes of toy set `kind` (toy, taxa) in `split` -> [(folder path (superclass, ..., class), superclass
+    index, look (hue shift, stripes, marked corners))]."""
+    if kind == "toy":
+        return [((TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}"), s, TOY_VARIANTS[v])
+                for s, v in TOY_SPLITS[split]]
+    classes = []
+    for s in range(4 if split == "source" else 5):
+        superclass, shape = TOY_SUPERCLASSES[s][:2]
+        for stripes, genus in enumerate(TAXA_STRIPES):
+            for m, (mark, corners) in enumerate(TAXA_MARKS.items()):
+                for h, hue_shift in enumerate(TAXA_HUE_SHIFTS):
+                    if (m + h + stripes) % 2 == (split == "target"):  # the two splits: complementary combinations
+                        classes.append(((superclass, f"{shape}-{genus}", f"{shape}-{genus}-{mark}-hue{h}"), s,
+                                        (hue_shift, stripes, corners)))
+    return classes
 
 
 def toy_superclass_color(name):
@@ -487,26 +565,31 @@ def toy_superclass_color(name):
     return tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hues[name], 0.8, 0.85)) if name in hues else None
 
 
-def draw_toy_image(superclass, variant, rng, size):
-    """One picture of toy class (superclass, variant), drawn 4x larger then box-filtered to size x size."""
+def draw_toy_image(superclass, look, rng, size):
+    """One picture of toy superclass `superclass` with `look` (hue shift, stripes, marked corners), drawn 4x larger
+    then box-filtered to size x size."""
     _, shape, hue, background = TOY_SUPERCLASSES[superclass]
-    hue_shift, stripes, corner = TOY_VARIANTS[variant]
+    hue_shift, stripes, corners = look
     S = 4 * size
     yy, xx = np.mgrid[0:S, 0:S] / S
     phase = rng.uniform(0, 1)
     pattern = {"gradient": xx, "stripes": (xx * 4 + phase) % 1 < 0.5,
                "checker": ((xx * 4 + phase) // 1 + (yy * 4) // 1) % 2,
-               "dots": (((xx * 5 + phase) % 1 - 0.5) ** 2 + ((yy * 5) % 1 - 0.5) ** 2) < 0.04}[background]
+               "dots": (((xx * 5 + phase) % 1 - 0.5) ** 2 + ((yy * 5) % 1 - 0.5) ** 2) < 0.04,
+               "diagonal": ((xx + yy) * 3 + phase) % 1 < 0.5}[background]
     base = np.array(colorsys.hsv_to_rgb(hue, 0.25, 0.55)) * 255
     canvas = Image.fromarray((base * (0.75 + 0.35 * pattern[..., None])).clip(0, 255).astype(np.uint8))
     # the object: a shape with horizontal stripes, pasted through its mask
     (cx, cy), r = S * (0.5 + rng.uniform(-0.08, 0.08, 2)), S * rng.uniform(0.24, 0.3)
     mask = Image.new("L", (S, S))
     draw = ImageDraw.Draw(mask)
-    box = [cx - r, cy - r, cx + r, cy + r]
+    box, w = [cx - r, cy - r, cx + r, cy + r], r / 2.5
     outline, points = {"disc": (draw.ellipse, box), "square": (draw.rectangle, box),
                        "triangle": (draw.polygon, [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]),
-                       "diamond": (draw.polygon, [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)])}[shape]
+                       "diamond": (draw.polygon, [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]),
+                       "cross": (draw.polygon, [(cx + a, cy + b) for a, b in  # a plus sign, arms 2w wide
+                                                [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r),
+                                                 (-w, w), (-r, w), (-r, -w), (-w, -w)]])}[shape]
     outline(points, fill=255)
     color = np.array(colorsys.hsv_to_rgb((hue + hue_shift) % 1, 0.8, rng.uniform(0.8, 0.95))) * 255
     layer = Image.new("RGB", (S, S), tuple(int(c) for c in color))
@@ -515,9 +598,10 @@ def draw_toy_image(superclass, variant, rng, size):
         top = cy - r + (2 * k + 1) * band
         ImageDraw.Draw(layer).rectangle([0, top, S, top + band], fill=tuple(int(c * 0.45) for c in color))
     canvas.paste(layer, mask=mask)
-    # the mark: a tiny white square in one corner
-    m, x0, y0 = S // 16, S // 16 + (corner % 2) * (S - 3 * S // 16), S // 16 + (corner // 2) * (S - 3 * S // 16)
-    ImageDraw.Draw(canvas).rectangle([x0, y0, x0 + m, y0 + m], fill=(255, 255, 255))
+    # the marks: tiny white squares in corners
+    for corner in corners:
+        m, x0, y0 = S // 16, S // 16 + (corner % 2) * (S - 3 * S // 16), S // 16 + (corner // 2) * (S - 3 * S // 16)
+        ImageDraw.Draw(canvas).rectangle([x0, y0, x0 + m, y0 + m], fill=(255, 255, 255))
     pixels = np.asarray(canvas.resize((size, size), resample=Image.BOX)).astype(np.float64)
     return Image.fromarray((pixels + rng.normal(0, 3, pixels.shape)).round().clip(0, 255).astype(np.uint8))
 
@@ -585,14 +669,32 @@ def remove_temporaries(pattern):
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
-def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
-    """The toy set of these settings -> its folder root/<size>px-seed<seed>-n<count>-v<version> (source/, target/),
-    made once beside those of other settings and never deleted. Drawn into a temporary folder of this process and
-    renamed into place when complete: a kill mid-way leaves nothing a later run would read (the next generation
-    removes the temporary). One process draws a set at a time (a Lock); another asking for it meanwhile is refused."""
-    folder = os.path.join(root, f"{image_size}px-seed{seed}-n{images_per_class}-v{TOY_VERSION}")
+def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32, kind="toy"):
+    """The toy set `kind` (toy, taxa) of these settings -> its folder root/[taxa-]<size>px-seed<seed>-n<count>-
+    v<version> (source/, target/), made once beside those of other settings and never deleted. Drawn into a
+    temporary folder and renamed into place when complete: a kill mid-way leaves nothing a later run would read (the
+    next generation removes the temporary). One process draws a set at a time (a Lock); another asking for it
+    meanwhile is refused."""
+    name = f"{'taxa-' * (kind == 'taxa')}{image_size}px-seed{seed}-n{images_per_class}-v{TOY_VERSION}"
+    folder = os.path.join(root, name)
     if os.path.isdir(folder):
         return folder
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".{name}.tmp")
+    with Lock(tmp + ".lock", f"the toy set {folder}"):
+        if os.path.isdir(folder):  # drawn by the process that held the lock just before
+            return folder
+        remove_temporaries(tmp)  # a killed generation's
+        for split in TOY_SPLITS:
+            for c, (path, s, look) in enumerate(tqdm(toy_classes(kind, split), desc=f"{kind} {split}", leave=False)):
+                class_folder = os.path.join(tmp, split, *path)
+                os.makedirs(class_folder, exist_ok=True)
+                stream = [s, TOY_VARIANTS.index(look)] if kind == "toy" else [split == "target", c]
+                for n in range(images_per_class):
+                    rng = np.random.default_rng([seed, *stream, n])  # one stream per image: any image redraws alone
+                    draw_toy_image(s, look, rng, image_size).save(os.path.join(class_folder, f"{n:04d}.png"))
+        os.rename(tmp, folder)
+    return folder
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".{os.path.basename(folder)}.tmp")
     with Lock(tmp + ".lock", f"the toy set {folder}"):
@@ -614,11 +716,15 @@ def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32):
 # -----------------------------------------------------------------------------------------------------------
 # The entry point the training script calls.
 
+DATA_KINDS = ("inat", "vegfru", "folder", "toy", "taxa")  # what --data takes; toy and taxa are drawn, not read
+
+
 def data_path_problem(kind, path):
     """Why `path` cannot hold a dataset of `kind`, or None: what can be told before any slow work."""
-    if kind == "toy" and path is not None and os.path.exists(path) and not os.path.isdir(path):  # (generated there)
-        return f"the toy data path {path!r} is a file; the toy set is generated into a folder (made if missing)"
-    if kind != "toy" and (path is None or not os.path.isdir(path)):
+    drawn = kind in ("toy", "taxa")
+    if drawn and path is not None and os.path.exists(path) and not os.path.isdir(path):  # (generated there)
+        return f"the {kind} data path {path!r} is a file; the {kind} set is generated into a folder (made if missing)"
+    if not drawn and (path is None or not os.path.isdir(path)):
         where = f"no {kind} data path given" if path is None else f"the {kind} data path {path!r} is not a folder"
         return f"{where}; " + dict(
             inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
@@ -628,25 +734,25 @@ def data_path_problem(kind, path):
 
 
 def load_dataset(kind, path, image_size, split=None, hflip=True):
-    """kind in inat/vegfru/folder/toy -> (ImageDataset, Hierarchy). toy: path is where to generate it
-    (default cache/toy), split source/target; folder: split, when given, is a subfolder of path."""
-    split = split or dict(inat="train_mini", vegfru="train", toy="source").get(kind)
+    """kind in DATA_KINDS -> (ImageDataset, Hierarchy). toy, taxa: path is where to draw it (default cache/toy),
+    split source/target; folder: split, when given, is a subfolder of path."""
+    split = split or dict(inat="train_mini", vegfru="train", toy="source", taxa="source").get(kind)
     if problem := data_path_problem(kind, path):
         raise FileNotFoundError(problem)
-    if kind == "toy":
+    if kind in ("toy", "taxa"):
         path = path or os.path.join("cache", "toy")
         if split not in TOY_SPLITS:
-            raise ValueError(f"toy split {split!r}: choose from {list(TOY_SPLITS)}")
+            raise ValueError(f"{kind} split {split!r}: choose from {list(TOY_SPLITS)}")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_rank() == 0:  # rank 0 draws the set; the other ranks wait for its files
-                make_toy_dataset(path, image_size=image_size)
+                make_toy_dataset(path, image_size=image_size, kind=kind)
             dist.barrier()
-        folder = make_toy_dataset(path, image_size=image_size)  # draws the set, or finds rank 0's
-        return load_folder(os.path.join(folder, split), image_size, hflip)
+        folder = make_toy_dataset(path, image_size=image_size, kind=kind)  # draws the set, or finds rank 0's
+        return load_folder(os.path.join(folder, split), image_size, hflip, ["genus"])
     if kind == "folder":
         return load_folder(os.path.join(path, split) if split else path, image_size, hflip)
     if kind not in ("inat", "vegfru"):
-        raise ValueError(f"unknown dataset kind {kind!r}: choose from inat, vegfru, folder, toy")
+        raise ValueError(f"unknown dataset kind {kind!r}: choose from {', '.join(DATA_KINDS)}")
     return (load_inat if kind == "inat" else load_vegfru)(path, split, image_size, hflip)
 
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 import cli
 from checkpoint import WEIGHTS_HELP, find_checkpoint, read_label_table, run_folder
 from cli import POSITIVE, WORKERS, new_file, number
-from data import load_dataset, read_images, read_json, to_tensor, toy_superclass_color
+from data import (DATA_KINDS, Hierarchy, fingerprint, load_dataset, read_images, read_json, to_tensor,
+                  toy_superclass_color)
 from model import load_checked, load_state_dict_file
 
 INCEPTION_SOURCE = ("The FID Inception weights are pytorch-fid's: https://github.com/mseitzer/pytorch-fid/releases/"
@@ -471,6 +472,216 @@ def lpips_diversity(lpips, images, labels, superclass_labels=None, superclass_na
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The judge: a small classifier trained on the real images of a data set, which scores samples by whether they show
+# the class asked for, at every rank of the taxonomy (as the Classification Accuracy Score of Ravuri & Vinyals 2019
+# measures what FID misses), and whose features give a Fréchet distance and a diversity figure with no downloaded
+# network. Its own accuracy on held-out real images is the ceiling any model's samples can reach. A judge file
+# (torch.save, read with weights_only) holds its weights, its data's hierarchy and fingerprint, that accuracy, and
+# the statistics of the real images' features the samples are compared with.
+
+JUDGE_FORMAT = 1
+JUDGE_HELD_OUT = 8  # every 8th image of each class is held out: the judge never trains on it
+
+
+class Judge(nn.Module):
+    """Images (N, 3, S, S) in [0, 1] -> (features (N, 4w), fine-class logits (N, C)): three stages of two 3x3
+    conv-BN-ReLU layers, halved between stages by max-pooling, then a global average."""
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        layers, channels = [], 3
+        for stage in range(3):
+            layers += [nn.MaxPool2d(2)] * (stage > 0)
+            for _ in range(2):
+                layers += [nn.Conv2d(channels, width << stage, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(width << stage), nn.ReLU()]
+                channels = width << stage
+        self.body, self.head = nn.Sequential(*layers), nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        features = self.body(2 * x - 1).mean(dim=(2, 3))  # (N, 4w)
+        return features, self.head(features)  # (N, 4w), (N, C)
+
+
+def held_out(labels, every=JUDGE_HELD_OUT):
+    """A mask of the images held out: the every-th, 2 every-th, ... image of each class, in the data set's order."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    first = np.searchsorted(labels[order], labels[order])  # where each image's class begins in that order
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[order] = (np.arange(len(labels)) - first) % every == every - 1
+    return mask
+
+
+def train_judge(images, labels, num_classes, epochs=20, batch_size=64, width=32, lr=3e-3, seed=0, device="cpu"):
+    """A Judge trained on uint8 images (N, S, S, 3) of fine `labels`: AdamW, a cosine schedule, and each batch shifted
+    by up to 2 px (never mirrored: a mirror can be another class, as in the toy sets)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    judge = Judge(num_classes, width).to(device).train()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    pixels, labels, size = torch.as_tensor(images).permute(0, 3, 1, 2), torch.as_tensor(labels), images.shape[1]
+    for _ in (bar := tqdm(range(epochs), desc="training the judge")):
+        for rows in torch.randperm(len(images), generator=generator).split(batch_size):
+            dy, dx = torch.randint(0, 5, (2,), generator=generator).tolist()
+            x = F.pad(pixels[rows].float() / 255, (2, 2, 2, 2), mode="replicate")[:, :, dy:dy + size, dx:dx + size]
+            loss = F.cross_entropy(judge(x.to(device))[1], labels[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return judge.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def judge_images(judge, images, batch_size=256, device="cpu"):
+    """uint8 images (N, S, S, 3) -> (features (N, D) float64, fine-class probabilities (N, C) float64)."""
+    features, probabilities = [], []
+    for _, batch in image_batches(images, batch_size):
+        f, logits = judge(batch.to(device))
+        features.append(f.double().cpu())
+        probabilities.append(logits.double().softmax(dim=1).cpu())
+    return torch.cat(features).numpy(), torch.cat(probabilities).numpy()
+
+
+def rank_accuracy(probabilities, labels, hierarchy):
+    """{rank: accuracy} at every rank, fine first (a rank's guess: its group of the most fine-class probability),
+    and {rank: chance}, the accuracy of a uniformly random fine-class guess."""
+    accuracy, chance = {}, {}
+    for rank, groups, of_class in hierarchy.ranks():
+        of_class = torch.as_tensor(of_class)
+        by_group = torch.zeros(len(labels), len(groups), dtype=torch.float64).index_add_(
+            1, of_class, torch.as_tensor(probabilities))  # (N, G): the probabilities of each group's classes summed
+        truth = of_class[torch.as_tensor(labels)]
+        accuracy[rank] = (by_group.argmax(dim=1) == truth).double().mean().item()
+        chance[rank] = (torch.bincount(of_class, minlength=len(groups))[truth] / len(of_class)).double().mean().item()
+    return accuracy, chance
+
+
+def within_class_spread(features, labels, num_classes):
+    """(C,) the mean squared distance of a class's features to their mean (NaN for a class of fewer than 2)."""
+    spread = np.full(num_classes, np.nan)
+    for c in np.unique(labels):
+        f = features[labels == c]
+        if len(f) >= 2:
+            spread[c] = ((f - f.mean(axis=0)) ** 2).sum(axis=1).mean()
+    return spread
+
+
+def make_judge(dataset, hierarchy, data, epochs=20, width=32, seed=0, num_workers=4, device="cpu"):
+    """Train a judge on a data set's real images (unmirrored) -> the judge file's contents. `data` describes them
+    (kind, path, split) for messages; their files and labels are fingerprinted."""
+    rows, images = zip(*read_images(dataset, num_workers=num_workers))
+    rows, images = np.concatenate(rows), torch.cat(images).numpy()
+    labels = dataset.labels[rows]
+    test = held_out(labels)
+    judge = train_judge(images[~test], labels[~test], len(hierarchy.class_names), epochs, width=width, seed=seed,
+                        device=device)
+    features, probabilities = judge_images(judge, images, device=device)
+    accuracy, chance = rank_accuracy(probabilities[test], labels[test], hierarchy)
+    superclass_labels = np.asarray(hierarchy.class_to_superclass)[labels]
+    stats = set_statistics(features, superclass_labels, hierarchy.superclass_names)
+    return dict(format=JUDGE_FORMAT, width=width, image_size=dataset.image_size, state_dict=judge.state_dict(),
+                hierarchy=hierarchy.to_dict(), held_out=accuracy, chance=chance,
+                data=dict(data, files=fingerprint(dict(files=dataset.files, labels=dataset.labels)),
+                          images=len(labels), held_out_images=int(test.sum())),
+                reference=dict(names=list(stats), mu=torch.as_tensor(np.stack([m for m, _ in stats.values()])),
+                               sigma=torch.as_tensor(np.stack([s for _, s in stats.values()]))),
+                class_spread=torch.as_tensor(within_class_spread(features, labels, len(hierarchy.class_names))))
+
+
+def save_judge(contents, path):
+    with open(path + ".tmp", "wb") as f:  # renamed when complete: a kill leaves no torn judge
+        torch.save(contents, f)
+    os.replace(path + ".tmp", path)
+
+
+def load_judge(path):
+    """A judge file -> (Judge, its contents), checked; another file says what it is and how to make a judge."""
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable judge file ({str(e).splitlines()[0][:120]}): make one with "
+                         f"python evaluate.py judge --data ... --out judge.pt") from None
+    if not isinstance(contents, dict) or contents.get("format") != JUDGE_FORMAT or "state_dict" not in contents:
+        raise ValueError(f"{path} is no judge file of this version (format {JUDGE_FORMAT}): make one with python "
+                         f"evaluate.py judge --data ... --out judge.pt")
+    judge = Judge(len(contents["hierarchy"]["class_names"]), contents["width"])
+    return load_checked(judge, contents["state_dict"], path, "make it with python evaluate.py judge").eval(), contents
+
+
+def describe_judge(contents):
+    """One line: what a judge was trained on and its accuracy on held-out real images."""
+    data = contents["data"]
+    return (f"judge of {data['kind']} {data.get('split') or ''} {data.get('path') or ''} at {contents['image_size']} "
+            f"px ({len(contents['hierarchy']['class_names'])} classes, {data['images']:,} images); on its "
+            f"{data['held_out_images']:,} held-out real images: " + ", ".join(
+                f"{rank} {acc:.3f}" for rank, acc in contents["held_out"].items()))
+
+
+def score_samples(judge, contents, images, labels, device="cpu"):
+    """Score uint8 samples (N, S, S, 3) of fine `labels` with a judge -> {accuracy, chance, real (the held-out
+    ceiling), fine_by_superclass, fd (overall, per superclass), fd_mean (over superclasses), diversity}."""
+    hierarchy = Hierarchy.from_dict(contents["hierarchy"])
+    features, probabilities = judge_images(judge, images, device=device)
+    accuracy, chance = rank_accuracy(probabilities, labels, hierarchy)
+    superclass_labels = np.asarray(hierarchy.class_to_superclass)[labels]
+    correct = probabilities.argmax(axis=1) == labels
+    by_superclass = {hierarchy.superclass_names[s]: float(correct[superclass_labels == s].mean())
+                     for s in np.unique(superclass_labels)}
+    reference = {name: (mu.numpy(), sigma.numpy()) for name, mu, sigma in zip(
+        contents["reference"]["names"], contents["reference"]["mu"], contents["reference"]["sigma"])}
+    fd = fid_by_superclass(set_statistics(features, superclass_labels, hierarchy.superclass_names), reference)
+    spread = within_class_spread(features, labels, len(hierarchy.class_names))
+    judged = ~np.isnan(spread)  # classes with two samples or more
+    return dict(accuracy=accuracy, chance=chance, real=contents["held_out"], fine_by_superclass=by_superclass,
+                fd=fd, fd_mean=float(np.mean([v for k, v in fd.items() if k != "overall"])),
+                diversity=float(spread[judged].sum() / contents["class_spread"].numpy()[judged].sum()))
+
+
+def read_samples(path, contents):
+    """The samples a judge is to score -> (uint8 images (N, S, S, 3), fine labels (N,)): sample.py's .npz, or its
+    folder of PNGs 000000.png ... (image i is of class i mod C, as sample.py writes them). Checked against the judge:
+    the image size, and the class names where the .npz has them."""
+    classes, size = contents["hierarchy"]["class_names"], contents["image_size"]
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        cli.check(not files and f"{path} holds no PNGs: give sample.py's .npz, or its folder of PNGs",
+                  any(not f[:-4].isdigit() for f in files) and f"{path}: PNGs named other than NNNNNN.png (as "
+                  f"sample.py writes them) carry no class: give sample.py's .npz, which holds the labels")
+        first = Image.open(os.path.join(path, files[0]))
+        cli.check(first.size != (size, size) and f"{path}: its images are {first.size[0]}x{first.size[1]} px, and "
+                  f"the judge judges {size}x{size} px images: sample at --image-size {size}")
+        images = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files])
+        labels, names = np.array([int(f[:-4]) for f in files]) % len(classes), None
+    else:
+        samples = read_image_npz(path)
+        images, labels, names = samples["images"], samples["labels"], samples["class_names"]
+        cli.check(labels is None and f"{path} has no `labels`: the judge checks each sample's class")
+    cli.check(images.shape[1:3] != (size, size) and f"{path}: its images are {images.shape[2]}x{images.shape[1]} "
+              f"px, and the judge judges {size}x{size} px images: sample at --image-size {size}",
+              names is not None and list(names) != list(classes) and f"{path} is of {len(names)} classes "
+              f"({names[0]}, ...), and the judge knows the {len(classes)} of {contents['data']['kind']} "
+              f"{contents['data'].get('split') or ''} ({classes[0]}, ...): give a judge of the data the model learned",
+              (labels.min() < 0 or labels.max() >= len(classes)) and f"{path}: labels {labels.min()}..{labels.max()} "
+              f"are not all classes of the judge (0..{len(classes) - 1}): give a judge of the data the model learned")
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def print_scores(scores):
+    ranks = list(scores["accuracy"])
+    print("accuracy:  " + "  ".join(f"{r} {scores['accuracy'][r]:.3f}" for r in ranks)
+          + "\n  chance:  " + "  ".join(f"{r} {scores['chance'][r]:.3f}" for r in ranks)
+          + "\n  real:    " + "  ".join(f"{r} {scores['real'][r]:.3f}" for r in ranks) + "  (held-out real images)"
+          + "\nfine accuracy per superclass: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                          scores["fine_by_superclass"].items())
+          + f"\njudge FD: overall {scores['fd']['overall']:.2f}, mean per superclass {scores['fd_mean']:.2f}"
+          + f"\ndiversity: {scores['diversity']:.3f} (within-class feature spread of samples / of real images)")
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Exact t-SNE (van der Maaten & Hinton, 2008): Gaussian neighbourhoods of a given perplexity in the input, a 2-D
 # Student-t kernel, KL(P || Q) minimized by gradient descent with momentum, per-coordinate gains, early exaggeration.
 # Every pair is used: 10,011 labels take 0.8 GB per N x N float64 matrix, ~1 s an iteration on 2 CPU cores (or a GPU).
@@ -606,11 +817,15 @@ def results_table(results):
 def report(metric, values, path=None, method=None):
     """Print {name: value} as `FID name: value` lines; merge them into the results JSON at `path` (read by `table`)."""
     print("\n".join(f"{metric.upper()} {name}: {value:.3f}" for name, value in values.items()))
+    merge_results(path, method, **{metric: values})
+
+
+def merge_results(path, method=None, **metrics):
+    """Merge {metric: values} into the results JSON at `path` (none: nothing), under the row name `method`."""
     if path:
         results = read_json(path) if os.path.isfile(path) else {}
         results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
-        results[metric] = values
-        pathlib.Path(path).write_text(json.dumps(results, indent=2))
+        pathlib.Path(path).write_text(json.dumps({**results, **metrics}, indent=2))
 
 
 def parse_args(argv=None):
@@ -636,7 +851,7 @@ def parse_args(argv=None):
         p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth", help="FID Inception weights")
         p.add_argument("--image-size", type=number(int, 8, 2048), default=256, help="centre-crop size of data set "
                                                                                        "images")
-        p.add_argument("--ref-data", choices=["inat", "vegfru", "folder", "toy"], help="--ref kind (none: by path)")
+        p.add_argument("--ref-data", choices=DATA_KINDS, help="--ref kind (none: by path)")
         p.add_argument("--ref-split", help="split of --ref-data, e.g. val (none: data.py's)")
     p = commands.add_parser("data", help="a data set's classes and images per superclass; unreadable images")
     for p in commands.choices["ref-stats"], commands.choices["fid"], p:
@@ -646,6 +861,24 @@ def parse_args(argv=None):
         p.add_argument("--results", help="JSON to merge the numbers into (read by `table`)")
     p = commands.add_parser("table", help="Table 1 (markdown) from results JSON files")
     p.add_argument("results", nargs="+", help="JSON files of fid / lpips --results")
+    p = commands.add_parser("judge", help="train the judge classifier on a data set's real images, save it")
+    p.add_argument("--data", default="taxa", choices=DATA_KINDS, help="dataset layout")
+    p.add_argument("--data-path", help="dataset root (toy, taxa: where to generate it, default cache/toy)")
+    p.add_argument("--split", help="the split the model was fine-tuned on (none: data.py's; toy, taxa: target)")
+    p.add_argument("--image-size", type=number(int, 8, 2048), default=32, help="centre-crop size: the samples' size")
+    p.add_argument("--epochs", type=number(int, 1, 1000), default=10, help="passes over the training images")
+    p.add_argument("--width", type=number(int, 4, 512), default=32, help="channels of the first stage (x2, x4 after)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="the judge's initialization and batches")
+    p.add_argument("--out", required=True, help="the judge file to write (.pt)")
+    p = commands.add_parser("score", help="score samples with a judge: accuracy at every rank, judge FD, diversity")
+    p.add_argument("--judge", required=True, help="a judge file of `evaluate.py judge`")
+    p.add_argument("--samples", required=True, help="sample.py's .npz, or its folder of PNGs (image i: class i mod C)")
+    p.add_argument("--method", help="row name in the results")
+    p.add_argument("--results", help="JSON to merge the scores into")
+    for p in commands.choices["judge"], commands.choices["score"]:
+        p.add_argument("--device", default=device, help="where the judge runs")
+    commands.choices["judge"].add_argument("--num-workers", type=cli.NUM_WORKERS, default=WORKERS,
+                                           help="image decoding workers")
     p = commands.add_parser("tsne", help="Figure 7: t-SNE of the label embeddings")
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint or an official FineDiffusion one")
     p.add_argument("--class-map", help="hierarchy JSON (none: the checkpoint's own)")
@@ -658,7 +891,7 @@ def parse_args(argv=None):
                    help="of the figure, in pixels")
     p.add_argument("--device", default=device, help="where t-SNE runs")
     p = commands.choices["data"]
-    p.add_argument("--data", default="toy", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
+    p.add_argument("--data", default="toy", choices=DATA_KINDS, help="dataset layout")
     p.add_argument("--data-path", help="dataset root (toy: where to generate it, default cache/toy)")
     p.add_argument("--split", help="inat: train_mini/train/val; vegfru: train/val/test/trainval; toy: source/target")
     p.add_argument("--image-size", type=number(int, 8, 2048), default=32, help="centre-crop size")
@@ -671,10 +904,10 @@ def main(argv=None):
     """-> what the command wrote (tsne: the figure)."""
     args = parse_args(argv)
     # every output and input checked before any network runs (not after hours of Inception)
-    out = None if args.command not in ("ref-stats", "tsne") else args.out and new_file(args.out, "--out")
-    cli.check(*(f"--{flag} {getattr(args, flag)}: no such file or folder" for flag in ("samples", "ref")
+    out = None if args.command not in ("ref-stats", "tsne", "judge") else args.out and new_file(args.out, "--out")
+    cli.check(*(f"--{flag} {getattr(args, flag)}: no such file or folder" for flag in ("samples", "ref", "judge")
                 if getattr(args, flag, None) is not None and not os.path.exists(getattr(args, flag))))
-    if args.command in ("fid", "lpips") and args.results:  # merged into after the metric: checked before it
+    if args.command in ("fid", "lpips", "score") and args.results:  # merged into after the metric: checked before it
         cli.check(os.path.isdir(args.results) and f"--results {args.results} is a folder: give a JSON file (new, or "
                                                    f"one of evaluate.py's results to add to)",
                   os.path.isfile(args.results) and not isinstance(read_json(args.results), dict) and f"--results "
@@ -706,6 +939,22 @@ def main(argv=None):
                                  samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
                                  args.device)
         report("lpips", values, args.results, args.method)
+    elif args.command == "judge":
+        if args.split is None and args.data in ("toy", "taxa"):
+            args.split = "target"  # the fine-tuned classes
+        dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split, hflip=False)
+        contents = make_judge(dataset, hierarchy, dict(kind=args.data, path=args.data_path, split=args.split),
+                              args.epochs, args.width, args.seed, args.num_workers, args.device)
+        save_judge(contents, out)
+        print(f"saved {out}: {describe_judge(contents)}")
+    elif args.command == "score":
+        judge, contents = load_judge(args.judge)
+        images, labels = read_samples(args.samples, contents)
+        print(f"{args.judge}: {describe_judge(contents)}\n{args.samples}: {len(labels):,} samples of "
+              f"{len(np.unique(labels)):,} classes")
+        scores = score_samples(judge.to(args.device), contents, images, labels, args.device)
+        print_scores(scores)
+        merge_results(args.results, args.method, judge=scores)
     elif args.command == "table":
         print(results_table([read_json(path) for path in args.results]))
     elif args.command == "tsne":

@@ -54,7 +54,7 @@ def parse_args(argv=None, doc=__doc__, **defaults):
                    help="heads of a --ckpt that does not record them (none: model.heads_for_width)")
     p.add_argument("--image-size", type=cli.number(int, 8, 2048), default=256, help="pixels; a multiple of the VAE's 8")
     p.add_argument("--vae", default=None, help="SD VAE folder or file (sd-vae-ft-ema); 'none': pixel space")
-    p.add_argument("--data", default="inat", choices=["inat", "vegfru", "folder", "toy"], help="dataset layout")
+    p.add_argument("--data", default="inat", choices=data.DATA_KINDS, help="dataset layout")
     p.add_argument("--data-path", default=None, help="dataset root (toy: where to generate it)")
     p.add_argument("--split", default=None, help="inat: train_mini/train/val; toy: source/target")
     p.add_argument("--latent-cache", default=None, help="encode the data once into this folder and train from it")

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bench
 import cli
@@ -34,6 +35,12 @@ def bad_files(tmp_path_factory):
     np.savez(root / "labels.npz", labels=np.zeros(4, dtype=np.int64))
     np.savez(root / "small.npz", arr_0=np.zeros((4, 16, 16, 3), dtype=np.uint8), labels=np.zeros(4, dtype=np.int64))
     (root / "truncated.npz").write_bytes((root / "small.npz").read_bytes()[:300])
+    np.savez(root / "other8.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=np.zeros(2, dtype=np.int64),
+             class_names=np.array(["a", "b"]))
+    (root / "pngs").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "pngs" / "cat.png")
+    evaluate.main(["judge", "--data", "toy", "--data-path", str(root / "toy"), "--image-size", "8", "--epochs", "1",
+                   "--width", "4", "--num-workers", "0", "--out", str(root / "judge8.pt")])  # a toy set's, at 8 px
     return root
 
 
@@ -115,6 +122,18 @@ def cases(toy):
         ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}/list.json"],
          "no results object"),
         ("evaluate", ["fid", "--samples", "{bad}/small.npz", "--ref", "{bad}", "--results", "{bad}"], "is a folder"),
+        ("evaluate", ["score", "--judge", "{bad}/text.pt", "--samples", "{bad}/small.npz"], "not a readable judge"),
+        ("evaluate", ["score", "--judge", "{bad}/tensor.pt", "--samples", "{bad}/small.npz"], "no judge file of this"),
+        ("evaluate", ["score", "--judge", "{bad}/judge8.pt", "--samples", "{bad}/small.npz"],
+         "its images are 16x16 px, and the judge judges 8x8 px images: sample at --image-size 8"),
+        ("evaluate", ["score", "--judge", "{bad}/judge8.pt", "--samples", "{bad}/other8.npz"],
+         "give a judge of the data the model learned"),
+        ("evaluate", ["score", "--judge", "{bad}/judge8.pt", "--samples", "{bad}/pngs"], "carry no class"),
+        ("evaluate", ["score", "--judge", "{bad}/judge8.pt", "--samples", "{bad}/labels.npz"], "it has no arr_0"),
+        ("evaluate", ["score", "--judge", "{bad}/judge8.pt", "--samples", "{bad}/none.npz"], "no such file"),
+        ("evaluate", ["judge", "--epochs", "0", "--out", "j.pt"], ">= 1"),
+        ("evaluate", ["judge", "--out", "{bad}/text.pt"], "exists and is not overwritten"),
+        ("evaluate", ["judge", "--data", "toy", "--split", "nope", "--out", "j.pt"], "toy split 'nope'"),
         ("fullsize", ["--images", "1"], ">= 2"), ("fullsize", ["--out", "{bad}/text.pt"], "exists and is not "),
         ("bench", ["--steps", "0"], ">= 1"), ("bench", ["--methods", "adapter"], "unknown ['adapter']"),
         ("bench", ["--image-size", "100"], "multiple of 16"), ("bench", ["--samplers", "euler"], "unknown ['euler']"),

@@ -70,6 +70,10 @@ def test_inat_json_and_folders_give_the_same_hierarchy(tmp_path):
     assert h_json.class_to_superclass == h_dirs.class_to_superclass
     assert [h_json.superclass_names[s] for s in h_json.class_to_superclass] == [t[-1] for t in INAT_TAXA]
     assert h_json.common_names == [t[1] for t in INAT_TAXA] and h_dirs.common_names == [""] * len(INAT_TAXA)
+    assert h_json.levels == h_dirs.levels and [name for name, _, _ in h_json.ranks()] == \
+        ["fine", "genus", "family", "order", "class", "superclass"]
+    danaus = h_json.ranks()[1][2]  # the two Danaus species share a genus, and no other two do
+    assert danaus[2] == danaus[3] and len(set(danaus)) == len(INAT_TAXA) - 1
     pairs = lambda d: sorted(zip(d.files.tolist(), d.labels.tolist()))
     assert pairs(from_json) == pairs(from_dirs) and len(from_json) == 2 * len(meta["images"])
     label_of_dir = {c["image_dir_name"]: c["id"] for c in meta["categories"]}
@@ -222,6 +226,24 @@ def test_folder_layout(tmp_path):
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     with pytest.raises(FileNotFoundError, match="superclass"):
         data.load_dataset("folder", str(tmp_path / "birds" / "wren"), 8)
+
+
+def test_a_deeper_folder_tree_gives_every_rank(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {("birds", "corvids", "crow"), ("birds", "corvids", "raven"), ("birds", "wrens", "wren"),
+            ("reptiles", "geckos", "gecko")}
+    for path in tree:
+        write_image(str(tmp_path.joinpath(*path, "0.png")), rng)
+    dataset, h = data.load_dataset("folder", str(tmp_path), 8)
+    assert [(rank, names) for rank, names, _ in h.ranks()] == [
+        ("fine", ["crow", "raven", "wren", "gecko"]), ("group", ["corvids", "wrens", "geckos"]),
+        ("superclass", ["birds", "reptiles"])]
+    assert [ids for _, _, ids in h.ranks()] == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 1]]
+    assert [f.split(os.sep)[1] for f in dataset.files] == ["corvids", "corvids", "wrens", "geckos"]
+    assert data.Hierarchy.from_dict(h.to_dict()).ranks() == h.ranks()
+    with pytest.raises(ValueError, match="a group lies in two different superclass groups"):
+        data.Hierarchy(["a", "b"], ["S", "T"], [0, 1], levels=[dict(name="group", group_names=["g"],
+                                                                    class_to_group=[0, 0])])
 
 
 # ---- the toy set ----
@@ -495,3 +517,24 @@ def test_model_input_samples_the_cached_posterior():
     torch.manual_seed(1)
     expected = (posterior.mean + posterior.std * torch.randn_like(posterior.std)) * vae.scaling_factor
     torch.testing.assert_close(z, expected)
+
+
+def test_the_toy_taxonomy_has_three_ranks_and_new_combinations_in_the_target(tmp_path):
+    folder = data.make_toy_dataset(str(tmp_path), image_size=32, images_per_class=2, kind="taxa")
+    assert os.path.basename(folder) == f"taxa-32px-seed0-n2-v{data.TOY_VERSION}"
+    (source, hs), (target, ht) = (data.load_folder(os.path.join(folder, split), 32, rank_names=["genus"])
+                                  for split in ("source", "target"))  # as load_dataset("taxa", ...) reads them
+    assert [(rank, len(names)) for rank, names, _ in ht.ranks()] == [("fine", 120), ("genus", 20), ("superclass", 5)]
+    assert [(rank, len(names)) for rank, names, _ in hs.ranks()] == [("fine", 96), ("genus", 16), ("superclass", 4)]
+    assert set(ht.superclass_names) - set(hs.superclass_names) == {"crosses"}  # one superclass the source never saw
+    assert np.bincount(target.labels).tolist() == [2] * 120
+    looks = lambda h: {tuple(name.split("-")[1:]) for name in h.class_names}  # (stripes, marks, hue) of each species
+    assert not looks(hs) & looks(ht)  # no target species has a source species' look ...
+    for pair in ((0, 1), (0, 2), (1, 2)):  # ... but every two of its attributes appear together in the source
+        assert {tuple(look[k] for k in pair) for look in looks(ht)} <= {tuple(look[k] for k in pair) for look in looks(hs)}
+    # the smallest attribute, a corner mark, is at least 2 x 2 px at 32 px; marks are alike in a mirror
+    plain, marked = (np.asarray(data.draw_toy_image(0, (0.0, 1, corners), np.random.default_rng(0), 32), float)
+                     for corners in ((), (0,)))
+    changed = np.abs(marked - plain).max(axis=2) > 40
+    assert changed.sum() >= 4 and changed[:8, :8].sum() == changed.sum()
+    assert all({c ^ 1 for c in corners} == set(corners) for corners in data.TAXA_MARKS.values())

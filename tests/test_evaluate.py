@@ -1,6 +1,7 @@
 """Evaluation: FID Inception, Fréchet distance, LPIPS against the reference fixtures; per-superclass bookkeeping,
 LPIPS diversity pairs, t-SNE, Figure 7, image-set reading and the tables."""
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import fixture, rel_err
 import evaluate as E
-from data import make_toy_dataset, toy_superclass_color
+from data import load_dataset, make_toy_dataset, toy_superclass_color
 
 
 def shapes(module):
@@ -299,3 +300,58 @@ def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
     plot = figure[60:, : figure.shape[1] * 3 // 4]  # below the title, left of the legend
     ys, xs = np.nonzero((plot != 255).any(axis=2))
     assert np.ptp(xs) > 0.9 * plot.shape[1] and np.ptp(ys) > 0.9 * plot.shape[0]
+
+
+# ---- the judge ----
+
+@pytest.fixture(scope="module")
+def taxa_judge(tmp_path_factory):
+    """A judge trained through the command line on the toy taxonomy's target split at 32 px, and those images."""
+    root = tmp_path_factory.mktemp("judge")
+    E.main(["judge", "--data", "taxa", "--data-path", str(root / "data"), "--epochs", "6", "--num-workers", "0",
+            "--out", str(root / "judge.pt")])
+    dataset, hierarchy = load_dataset("taxa", str(root / "data"), 32, "target", hflip=False)
+    images = np.stack([dataset.read(j) for j in range(len(dataset.files))])
+    return dict(root=root, path=str(root / "judge.pt"), images=images, labels=dataset.labels, hierarchy=hierarchy)
+
+
+def score(taxa_judge, images, labels, tmp_path, name="s.npz", **extra):
+    np.savez(tmp_path / name, arr_0=images, labels=labels, **extra)
+    E.main(["score", "--judge", taxa_judge["path"], "--samples", str(tmp_path / name), "--device", "cpu",
+            "--results", str(tmp_path / "r.json")])
+    return json.loads((tmp_path / "r.json").read_text())["judge"]
+
+
+def test_the_judge_tells_the_toy_taxonomy_apart_and_shuffled_labels_score_at_chance(taxa_judge, tmp_path):
+    _, contents = E.load_judge(taxa_judge["path"])
+    assert list(contents["held_out"]) == ["fine", "genus", "superclass"]
+    assert contents["held_out"]["fine"] >= 0.95 and contents["data"]["held_out_images"] == 120 * 32 // 8
+    images, labels = taxa_judge["images"], taxa_judge["labels"]
+    test = E.held_out(labels)
+    real = score(taxa_judge, images[test], labels[test], tmp_path)
+    assert real["accuracy"] == pytest.approx(contents["held_out"]) and real["real"] == contents["held_out"]
+    assert real["chance"] == pytest.approx(dict(fine=1 / 120, genus=1 / 20, superclass=1 / 5))  # balanced classes
+    shuffled = score(taxa_judge, images[test], np.random.default_rng(0).permutation(labels[test]), tmp_path)
+    for rank in ("fine", "genus", "superclass"):  # 480 images: chance +- 4 standard deviations at the most
+        sd = math.sqrt(real["chance"][rank] * (1 - real["chance"][rank]) / test.sum())
+        assert abs(shuffled["accuracy"][rank] - real["chance"][rank]) < 4 * sd, rank
+    # every real image: the judge's features of real images are the reference, so FD 0 and diversity 1
+    everything = score(taxa_judge, images, labels, tmp_path, class_names=np.array(taxa_judge["hierarchy"].class_names))
+    assert everything["fd"]["overall"] == pytest.approx(0, abs=1e-6) and everything["diversity"] == pytest.approx(1)
+    assert set(everything["fd"]) == {"overall"} | set(taxa_judge["hierarchy"].superclass_names)
+    # one image per class, repeated: no spread within a class
+    first = np.unique(labels, return_index=True)[1]
+    copies = score(taxa_judge, images[np.repeat(first, 2)], labels[np.repeat(first, 2)], tmp_path)
+    assert copies["diversity"] == pytest.approx(0, abs=1e-9) and copies["accuracy"]["superclass"] == 1
+
+
+def test_a_folder_of_pngs_scores_as_its_npz(taxa_judge, tmp_path):
+    images, labels = taxa_judge["images"], taxa_judge["labels"]
+    rows = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(120)]).reshape(120, 2).T.reshape(-1)
+    (tmp_path / "pngs").mkdir()
+    for i, row in enumerate(rows):  # as sample.py writes them: image i is of class i mod 120
+        Image.fromarray(images[row]).save(tmp_path / "pngs" / f"{i:06d}.png")
+    E.main(["score", "--judge", taxa_judge["path"], "--samples", str(tmp_path / "pngs"), "--results",
+            str(tmp_path / "a.json")])
+    from_pngs = json.loads((tmp_path / "a.json").read_text())["judge"]
+    assert from_pngs == score(taxa_judge, images[rows], labels[rows], tmp_path)

@@ -42,9 +42,11 @@ RESUMABLE = ("max_steps", "lr", "ckpt_every", "ckpt_minutes", "log_every", "samp
 MAX_WEIGHT = 1e4  # no weight of a trained DiT comes near; a diverging run passes it long before an overflow
 
 
-def parse_args(argv=None, doc=__doc__, **defaults):
-    """train.py's flags; toy.py gives its own `doc` and `defaults` (the toy settings) to the same flags."""
+def parse_args(argv=None, doc=__doc__, own_flags=None, **defaults):
+    """train.py's flags; toy.py gives its own `doc`, `defaults` (the toy settings) and flags (own_flags(parser))."""
     p = cli.Parser(description=doc)
+    if own_flags:
+        own_flags(p)
     p.add_argument("--method", default="finediffusion", choices=list(METHODS), help="what trains (peft.METHODS)")
     p.add_argument("--ckpt", default=None,
                    help="base DiT: a checkpoint (.pt/.safetensors), a run folder or a run's name; none: from scratch")

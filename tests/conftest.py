@@ -85,6 +85,19 @@ def toy_runs(tmp_path_factory):
                 checkpoint=os.path.join(run_dir, "checkpoints", "0000004.pt"))
 
 
+@pytest.fixture(scope="session")
+def taxa(tmp_path_factory):
+    """The toy taxonomy (32 px), and a judge of its target split trained through the command line, kept where
+    toy.py --table looks for it."""
+    import evaluate
+    import toy
+    root = tmp_path_factory.mktemp("taxa")
+    judge = toy.judge_path("taxa", str(root), "target", 32)
+    evaluate.main(["judge", "--data", "taxa", "--data-path", str(root), "--epochs", "6", "--num-workers", "0",
+                   "--out", judge])
+    return dict(root=root, judge=judge)
+
+
 def write_tiny_vae(folder):
     """The fixture's tiny VAE as a diffusers folder (config.json + diffusion_pytorch_model.safetensors) -> its path."""
     f = fixture("vae_tiny.pt")

@@ -531,7 +531,8 @@ def test_the_toy_taxonomy_has_three_ranks_and_new_combinations_in_the_target(tmp
     looks = lambda h: {tuple(name.split("-")[1:]) for name in h.class_names}  # (stripes, marks, hue) of each species
     assert not looks(hs) & looks(ht)  # no target species has a source species' look ...
     for pair in ((0, 1), (0, 2), (1, 2)):  # ... but every two of its attributes appear together in the source
-        assert {tuple(look[k] for k in pair) for look in looks(ht)} <= {tuple(look[k] for k in pair) for look in looks(hs)}
+        seen = {tuple(look[k] for k in pair) for look in looks(hs)}
+        assert {tuple(look[k] for k in pair) for look in looks(ht)} <= seen
     # the smallest attribute, a corner mark, is at least 2 x 2 px at 32 px; marks are alike in a mirror
     plain, marked = (np.asarray(data.draw_toy_image(0, (0.0, 1, corners), np.random.default_rng(0), 32), float)
                      for corners in ((), (0,)))

@@ -305,14 +305,11 @@ def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
 # ---- the judge ----
 
 @pytest.fixture(scope="module")
-def taxa_judge(tmp_path_factory):
-    """A judge trained through the command line on the toy taxonomy's target split at 32 px, and those images."""
-    root = tmp_path_factory.mktemp("judge")
-    E.main(["judge", "--data", "taxa", "--data-path", str(root / "data"), "--epochs", "6", "--num-workers", "0",
-            "--out", str(root / "judge.pt")])
-    dataset, hierarchy = load_dataset("taxa", str(root / "data"), 32, "target", hflip=False)
+def taxa_judge(taxa):
+    """The judge of the toy taxonomy's target split (conftest), and those images."""
+    dataset, hierarchy = load_dataset("taxa", str(taxa["root"]), 32, "target", hflip=False)
     images = np.stack([dataset.read(j) for j in range(len(dataset.files))])
-    return dict(root=root, path=str(root / "judge.pt"), images=images, labels=dataset.labels, hierarchy=hierarchy)
+    return dict(path=taxa["judge"], images=images, labels=dataset.labels, hierarchy=hierarchy)
 
 
 def score(taxa_judge, images, labels, tmp_path, name="s.npz", **extra):

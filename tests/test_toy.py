@@ -1,4 +1,5 @@
 """toy.py: the README's first run in one command, on a few steps: base, fine-tune, pictures, runs found by name."""
+import json
 import os
 import re
 
@@ -10,6 +11,7 @@ import sample
 import toy
 import train
 from checkpoint import find_checkpoint, read_checkpoint
+from peft import METHODS
 
 
 def test_toy_is_one_command(toy_runs, tmp_path, monkeypatch, capsys):
@@ -45,3 +47,36 @@ def test_toy_is_one_command(toy_runs, tmp_path, monkeypatch, capsys):
     assert read_checkpoint(find_checkpoint("toy-bitfit")).step == 5 and len(os.listdir("results")) == 4
     assert sample.main(sample.parse_args(["--ckpt", "toy-finediffusion", "--class", "disc_e", "--n", "2",
                                           "--sampler", "dpm++"])) == os.path.abspath(os.path.join(run_dir, "samples", "00004-fine.png"))
+
+
+def test_table_1_in_miniature_runs_to_the_end(taxa, tmp_path, monkeypatch, capsys):
+    """toy.py --table at its smallest: one base, every method at two seeds, sampled, judged (the judge of conftest,
+    reused), then the markdown table, the figure of samples beside real images, and the accuracy bars."""
+    monkeypatch.chdir(tmp_path)
+    judged = os.stat(taxa["judge"]).st_mtime_ns
+    folder = toy.main(toy.parse_args(["--table", "--quick", "--max-steps", "2", "--samples-per-class", "2",
+                                      "--data-path", str(taxa["root"])]))
+    assert folder == os.path.join("results", "000-toy-table") and os.stat(taxa["judge"]).st_mtime_ns == judged
+    runs = [f"toy-{method}-seed{seed}" for method in METHODS for seed in toy.TABLE_SEEDS]
+    assert sorted(os.listdir("results")) == ["000-toy-table", "001-toy-base"] + [
+        f"{n:03d}-{run}" for n, run in enumerate(runs, 2)]
+    table = open(os.path.join(folder, "table.md")).read().splitlines()
+    assert table[0].startswith("| method | trains | train img/s | fine acc.↑ | genus acc.↑ | superclass acc.↑ |")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[2:]}
+    assert list(rows) == list(METHODS) + ["real images (held out)", "chance"]
+    percent = {method: float(cells[0].rstrip("%")) for method, cells in list(rows.items())[:len(METHODS)]}
+    assert percent["finediffusion"] < percent["lora"] < percent["diffscaler"] < percent["full"]
+    assert rows["chance"][2:5] == [f"{1 / 120:.3f}", f"{1 / 20:.3f}", f"{1 / 5:.3f}"]
+    for method in METHODS:  # every cell a mean and a spread over the two seeds, accuracies in [0, 1]
+        assert all(" ± " in cell for cell in rows[method][1:])
+        assert all(0 <= float(cell.split(" ± ")[0]) <= 1 for cell in rows[method][2:5])
+        scores = json.loads(open(os.path.join(folder, "scores", f"{method}-seed1.json")).read())["judge"]
+        assert list(scores["accuracy"]) == ["fine", "genus", "superclass"] and scores["diversity"] > 0
+    assert np.load(os.path.join(folder, "samples", "finediffusion-seed0.npz"))["arr_0"].shape == (240, 32, 32, 3)
+    layout = tmp_path / "layout.png"
+    data.save_grid(np.zeros((8 * (1 + len(METHODS)), 32, 32, 3), np.uint8), str(layout), cols=8,
+                   row_names=["real"] + [f"{method} (seed 0)" for method in METHODS])
+    assert Image.open(os.path.join(folder, "table.png")).size == Image.open(layout).size
+    assert Image.open(os.path.join(folder, "accuracy.png")).size[1] > 30 * len(METHODS)
+    said = capsys.readouterr().out
+    assert "table: run 12 of 12 (diffscaler, seed 1)" in said and "to go" in said and "judge: reusing" in said

@@ -2,7 +2,10 @@
 The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with torch, numpy and pillow:
 
 1) FID (Heusel et al., 2017) with pytorch-fid's FID Inception network (the port of the TensorFlow graph that
-   loads `pt_inception-2015-12-05-6726825d.pth`), overall and per superclass: Table 1's FID columns.
+   loads `pt_inception-2015-12-05-6726825d.pth`), overall and per superclass: Table 1's FID columns. From the same
+   Inception pass, the rest of the evaluation suite of ADM (Dhariwal & Nichol, 2021) that DiT's tables report:
+   sFID (Nash et al., 2021), Inception Score (Salimans et al., 2016) and improved precision and recall
+   (Kynkäänniemi et al., 2019), overall.
 2) LPIPS diversity (Zhang et al., 2018): LPIPS v0.1 (AlexNet) averaged over pairs of samples of the same class,
    overall and per superclass: Table 1's LPIPS columns.
 3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
@@ -163,7 +166,8 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images (N, 3, H, W) in [0, 1] -> the 2048-d pool3 features FID is computed on."""
+    """Images (N, 3, H, W) in [0, 1] -> the 2048-d pool3 features FID is computed on (`features`: all that ADM's
+    evaluation suite reads, from the same pass)."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
@@ -182,9 +186,11 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008 logits: in the weights file, unused by FID
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008 logits: the Inception Score's (its weight only)
 
-    def forward(self, x):
+    def features(self, x):
+        """Images (N, 3, H, W) in [0, 1] -> pool3 (N, 2048) for FID, precision and recall; spatial (N, 2023) for sFID;
+        logits (N, 1008) for the Inception Score: one pass gives all three."""
         # pytorch-fid with resize_input and normalize_input: bilinear to 299x299, then [0, 1] -> [-1, 1]
         x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1  # (N, 3, 299, 299)
         x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, stride=2)  # (N, 64, 73, 73)
@@ -192,7 +198,19 @@ class FIDInceptionV3(nn.Module):
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)  # ... (N, 768, 17, 17) ... (N, 2048, 8, 8)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048) pool3
+            if block is self.Mixed_6d:
+                # sFID's features (Nash et al., 2021; ADM's evaluator): the first 7 channels of the TF graph's
+                # `mixed_6/conv`. The graph numbers its blocks mixed, mixed_1, ..., mixed_10 (= Mixed_5b ... 7c), so
+                # that is Mixed_6d's 1x1 branch, after its ReLU: channels 0..191 of the block's output. Flattened in
+                # TF's (H, W, C) order as ADM flattens them (the Fréchet distance does not depend on the order).
+                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 17 * 17 * 7 = 2023)
+        pool3 = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+        # the logits as the Inception Score's code (Salimans et al.) and ADM's take them: pool3 times the weight of
+        # the graph's softmax/logits/MatMul, without the bias that the graph adds after it
+        return pool3, spatial, pool3 @ self.fc.weight.T  # ..., (N, 1008)
+
+    def forward(self, x):
+        return self.features(x)[0]  # (N, 2048) pool3
 
 
 def inception_from_state_dict(state_dict, source="the state dict"):
@@ -317,6 +335,64 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The rest of ADM's evaluation suite (Dhariwal & Nichol, 2021: guided-diffusion's evaluations/evaluator.py), which
+# DiT's tables report beside FID. sFID is frechet_distance on the spatial features; the Inception Score and improved
+# precision and recall are below. Distances are squared throughout, as ADM compares them (the same comparisons).
+
+IS_SPLIT = 5000  # samples per Inception Score split, ADM's: 10 splits of a 50,000-sample set
+NEIGHBOURS = 3  # k of precision and recall, ADM's (and Kynkäänniemi et al.'s)
+BLOCK_ENTRIES = 2**25  # distances precision_recall holds at once: 256 MB of float64, whatever the sizes of the sets
+
+
+def inception_score(logits, split_size=IS_SPLIT):
+    """The Inception Score (Salimans et al., 2016), IS = exp(E_x KL(p(y|x) || p(y))): p(y|x) the softmax of an image's
+    logits (N, C), p(y) its mean over the split; the mean over splits of `split_size` images (the last may be
+    shorter; fewer images: one split), as ADM computes it."""
+    log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)  # log p(y|x), (N, C)
+    scores = []
+    for part in log_p.split(split_size):
+        log_marginal = part.logsumexp(dim=0) - math.log(len(part))  # log p(y) = log of the mean of p(y|x)
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1)  # KL(p(y|x) || p(y)), (n,)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores))
+
+
+def squared_distance_blocks(a, b, block_entries=BLOCK_ENTRIES):
+    """Rows of a (N, D) against all of b (M, D), float64 -> (rows, squared Euclidean distances (R, M)), R rows at a
+    time so that a block holds at most `block_entries` (one row at least): |a|^2 - 2 a.b + |b|^2, clipped at 0 where
+    round-off takes it below."""
+    a_norms, b_norms = a.square().sum(dim=1), b.square().sum(dim=1)
+    step = max(1, block_entries // len(b))
+    for start in range(0, len(a), step):
+        rows = slice(start, start + step)
+        yield rows, (a[rows] @ b.T).mul_(-2).add_(a_norms[rows, None]).add_(b_norms).clamp_min_(0)
+
+
+def manifold_radii(features, k=NEIGHBOURS, block_entries=BLOCK_ENTRIES):
+    """Improved precision and recall (Kynkäänniemi et al., 2019), Sec. 3: each point's squared distance to its k-th
+    nearest neighbour in its own set (N, D) -> (N,), the radius of its ball; the point itself (at distance 0) is the
+    nearest and is not counted."""
+    return torch.cat([d.topk(k + 1, dim=1, largest=False).values[:, k]
+                      for _, d in squared_distance_blocks(features, features, block_entries)])
+
+
+def precision_recall(sample_features, reference_features, k=NEIGHBOURS, device="cpu", block_entries=BLOCK_ENTRIES):
+    """Improved precision and recall (Kynkäänniemi et al., 2019, Eq. 1-3) as ADM's evaluator computes them: a ball
+    around each point of a set, reaching its k-th nearest neighbour, stands for the set's manifold; precision is the
+    fraction of samples inside at least one reference ball, recall the fraction of reference points inside at least
+    one sample ball (a point on a sphere is inside: ADM's <=). Features (N, D) and (M, D) -> (precision, recall)."""
+    samples, reference = (torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device)
+                          for f in (sample_features, reference_features))
+    sample_radii, reference_radii = (manifold_radii(f, k, block_entries) for f in (samples, reference))
+    in_reference = torch.zeros(len(samples), dtype=torch.bool, device=device)
+    in_samples = torch.zeros(len(reference), dtype=torch.bool, device=device)
+    for rows, d in squared_distance_blocks(samples, reference, block_entries):  # (R, M): samples x reference
+        in_reference[rows] = (d <= reference_radii).any(dim=1)  # Eq. 1 for the samples against the reference
+        in_samples |= (d <= sample_radii[rows, None]).any(dim=0)  # and for the reference against the samples
+    return in_reference.double().mean().item(), in_samples.double().mean().item()  # Eq. 2 and 3
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Image sets. Samples: the ADM-style .npz that sample.py writes (uint8 NHWC `arr_0`, fine `labels`, and when the
 # class hierarchy is known `superclass_labels` (0..S-1), `superclass_names`, `class_names`). References: the same
 # .npz, or any data set of data.py (iNat 2021 val as distributed, a folder tree, ...) read lazily, centre-cropped.
@@ -375,9 +451,16 @@ def image_batches(images, batch_size=50, num_workers=4):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Table 1's numbers, overall and per superclass. FID: statistics kept as {name: (mu, sigma)}, "overall" first, and
-# cached in an .npz: names (K,), mu (K, D), sigma (K, D, D). LPIPS diversity: the mean LPIPS distance between two
-# samples of the same class (higher = more diverse).
+# Table 1's numbers. FID overall and per superclass: statistics kept as {name: (mu, sigma)}, "overall" first. The
+# rest of ADM's suite, overall. ref-stats caches the reference's side of all of them in an .npz (save_statistics).
+# LPIPS diversity: the mean LPIPS distance between two samples of the same class (higher = more diverse).
+
+# Precision and recall's features, as ref-stats keeps them and as the samples are compared: float16 halves the file
+# (iNat 2021 val, 100,000 images: 0.4 GB, not 0.8), and its rounding (2^-11 of a value) is ADM's too, which rounds
+# them to float16 and computes the distances in float16 as well (here: in float64). The samples are rounded alike,
+# so an image in both sets is at distance 0.
+PR_FEATURES_DTYPE = np.float16
+
 
 def set_statistics(features, superclass_labels=None, superclass_names=None):
     """Features of an image set -> {"overall": (mu, sigma), superclass name: (mu, sigma), ...}."""
@@ -390,17 +473,35 @@ def set_statistics(features, superclass_labels=None, superclass_names=None):
     return stats
 
 
+def image_set_statistics(features, superclass_labels=None, superclass_names=None):
+    """One Inception pass over an image set (inception_features) -> what the metrics compare: {"fid": set_statistics
+    of pool3, "sfid": (mu, sigma) of the spatial features, "pool3": the pool3 features for precision and recall,
+    "logits": for the Inception Score}."""
+    return dict(fid=set_statistics(features["pool3"], superclass_labels, superclass_names),
+                sfid=feature_stats(features["spatial"]), pool3=features["pool3"].astype(PR_FEATURES_DTYPE),
+                logits=features["logits"])
+
+
 def save_statistics(path, stats):
-    np.savez(path, names=np.array(list(stats)), mu=np.stack([mu for mu, _ in stats.values()]),
-             sigma=np.stack([sigma for _, sigma in stats.values()]))
+    """A reference's image_set_statistics -> the .npz of ref-stats: names (K,), mu (K, 2048), sigma (K, 2048, 2048)
+    overall and per superclass (FID); mu_s (2023,), sigma_s (2023, 2023) (sFID, named as in ADM's reference files);
+    pool3 (N, 2048) float16 (precision, recall). The Inception Score needs no reference: no logits are kept."""
+    fid = stats["fid"]
+    np.savez(path, names=np.array(list(fid)), mu=np.stack([mu for mu, _ in fid.values()]),
+             sigma=np.stack([sigma for _, sigma in fid.values()]), mu_s=stats["sfid"][0], sigma_s=stats["sfid"][1],
+             pool3=stats["pool3"])
 
 
 def load_statistics(path):
-    """The statistics in an .npz written by save_statistics (`ref-stats`); None for any other file."""
+    """The statistics in an .npz written by save_statistics (`ref-stats`) -> {"fid", "sfid", "pool3"} as
+    image_set_statistics has them; "sfid" and "pool3" are None in a file of an older version (FID's alone). None for
+    any other file."""
     if os.path.isfile(path) and str(path).endswith(".npz"):
         with open_npz(path) as f:
             if "mu" in f:
-                return {str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
+                return dict(fid={str(name): (mu, sigma) for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])},
+                            sfid=(f["mu_s"], f["sigma_s"]) if "mu_s" in f else None,
+                            pool3=f["pool3"] if "pool3" in f else None)
 
 
 def open_npz(path, *required):
@@ -423,18 +524,43 @@ def fid_by_superclass(sample_stats, reference_stats):
             for name in sample_stats if name in reference_stats}
 
 
+def missing_metrics(reference):
+    """Those of sFID, precision and recall that a reference (load_statistics) cannot give: an older file's."""
+    return [name for name, key in (("sFID", "sfid"), ("precision", "pool3"), ("recall", "pool3"))
+            if reference[key] is None]
+
+
+def suite_metrics(samples, reference, device="cpu"):
+    """The samples' and the reference's image_set_statistics (or load_statistics') -> ADM's suite: {"fid": {name:
+    FID}, "sfid", "is", "precision", "recall"}, less those of missing_metrics(reference)."""
+    values = {"fid": fid_by_superclass(samples["fid"], reference["fid"])}
+    if reference["sfid"] is not None:
+        values["sfid"] = frechet_distance(*samples["sfid"], *reference["sfid"])
+    values["is"] = inception_score(samples["logits"])
+    if reference["pool3"] is not None:
+        values["precision"], values["recall"] = precision_recall(samples["pool3"], reference["pool3"], device=device)
+    return values
+
+
+def too_few_images(image_set, given):
+    """The line that refuses an image set (`given`: its flag and path) too small for precision and recall, whose balls
+    reach each image's k-th nearest neighbour among the others; or None."""
+    n = len(image_set["images"])
+    return n <= NEIGHBOURS and (f"{given}: {n} images, and precision and recall need at least {NEIGHBOURS + 1} (each "
+                                f"image's ball reaches its k = {NEIGHBOURS}-th nearest neighbour among the others)")
+
+
 @torch.no_grad()
-def image_set_statistics(path, inception, kind=None, split=None, image_size=256, class_map=None, batch_size=50,
-                         num_workers=4, device="cpu"):
-    """An image set (see read_image_set) -> the statistics of its pool3 features, overall and per superclass."""
-    image_set = read_image_set(path, kind, split, image_size, class_map)
-    rows, features = [], []
+def inception_features(image_set, inception, batch_size=50, num_workers=4, device="cpu"):
+    """An image set (read_image_set) -> one Inception pass over it: {"pool3", "spatial", "logits"} float32 arrays
+    (FIDInceptionV3.features), and the superclass labels of their rows (None without)."""
+    rows, outputs = [], []
     for index, batch in image_batches(image_set["images"], batch_size, num_workers):
         rows.append(index)
-        features.append(inception(batch.to(device)).double().cpu())  # (B, 2048)
+        outputs.append([f.cpu() for f in inception.features(batch.to(device))])
+    features = {name: torch.cat(kind).numpy() for name, kind in zip(("pool3", "spatial", "logits"), zip(*outputs))}
     labels = image_set["superclass_labels"]
-    return set_statistics(torch.cat(features).numpy(), None if labels is None else labels[np.concatenate(rows)],
-                          image_set["superclass_names"])
+    return features, None if labels is None else labels[np.concatenate(rows)]
 
 
 def same_class_pairs(labels, pairs_per_class=10, seed=0):
@@ -802,30 +928,43 @@ def draw_figure7(fine_xy, class_to_superclass, mean_xy, superclass_xy, superclas
 # -----------------------------------------------------------------------------------------------------------
 # The command line, and Table 1 (markdown) from the results JSON files it writes
 
+LABELS = {"fid": "FID", "lpips": "LPIPS", "sfid": "sFID", "is": "IS", "precision": "precision", "recall": "recall"}
+SUITE_COLUMNS = {"sfid": "sFID↓", "is": "IS↑", "precision": "Precision↑", "recall": "Recall↑"}  # overall only
+
+
 def results_table(results):
-    """Table 1: a row per method, FID and LPIPS per superclass, then overall. results: [{"method", "fid", "lpips"}]."""
+    """Table 1: a row per method, FID and LPIPS per superclass, then overall; then sFID, IS, precision and recall
+    where a result has them. results: [{"method", "fid": {name: value}, "lpips": {name: value}, "sfid": value, ...}]."""
     names = list(dict.fromkeys(n for r in results for metric in ("fid", "lpips") for n in r.get(metric, {})
                                if n != "overall")) + ["overall"]
-    cell = lambda r, metric, name: f"{r[metric][name]:.3f}" if name in r.get(metric, {}) else "–"
-    lines = ["| Method | " + " | ".join(f"{n} FID↓ | {n} LPIPS↑" for n in names) + " |",
-             "|---|" + "---:|" * (2 * len(names))]
-    lines += [f"| {r.get('method', '?')} | " + " | ".join(f"{cell(r, 'fid', n)} | {cell(r, 'lpips', n)}" for n in names)
-              + " |" for r in results]
+    suite = [metric for metric in SUITE_COLUMNS if any(metric in r for r in results)]
+    header = [f"{n} {label}" for n in names for label in ("FID↓", "LPIPS↑")] + [SUITE_COLUMNS[m] for m in suite]
+    cell = lambda value: "–" if value is None else f"{value:.3f}"
+    row = lambda r: ([cell(r.get(m, {}).get(n)) for n in names for m in ("fid", "lpips")]
+                     + [cell(r.get(m)) for m in suite])
+    lines = ["| Method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    lines += [f"| {r.get('method', '?')} | " + " | ".join(row(r)) + " |" for r in results]
     return "\n".join(lines)
 
 
-def report(metric, values, path=None, method=None):
-    """Print {name: value} as `FID name: value` lines; merge them into the results JSON at `path` (read by `table`)."""
-    print("\n".join(f"{metric.upper()} {name}: {value:.3f}" for name, value in values.items()))
-    merge_results(path, method, **{metric: values})
+def report(values, path=None, method=None, replaces=()):
+    """Print {metric: value, or {name: value}} as `FID overall: 9.776`, `sFID: 6.502` lines; merge them into the
+    results JSON at `path` (read by `table`), where they replace the metrics `replaces` names (all that the command
+    gives: one it could not give this time leaves no older value beside the new ones)."""
+    for metric, value in values.items():
+        for name, v in value.items() if isinstance(value, dict) else [("", value)]:
+            print(f"{LABELS[metric]}{' ' + name if name else ''}: {v:.3f}")
+    merge_results(values, path, method, replaces)
 
 
-def merge_results(path, method=None, **metrics):
-    """Merge {metric: values} into the results JSON at `path` (none: nothing), under the row name `method`."""
+def merge_results(values, path=None, method=None, replaces=()):
+    """Merge {metric: values} into the results JSON at `path` (none: nothing), under the row name `method`, in place
+    of the metrics `replaces` names."""
     if path:
         results = read_json(path) if os.path.isfile(path) else {}
         results["method"] = method or results.get("method", os.path.splitext(os.path.basename(path))[0])
-        pathlib.Path(path).write_text(json.dumps({**results, **metrics}, indent=2))
+        results = {key: value for key, value in results.items() if key not in replaces} | values
+        pathlib.Path(path).write_text(json.dumps(results, indent=2))
 
 
 def parse_args(argv=None):
@@ -835,7 +974,8 @@ def parse_args(argv=None):
     p = commands.add_parser("ref-stats", help="Inception statistics of a real image set, saved to an .npz")
     p.add_argument("--ref", required=True, help="data set root (see --ref-data) or an images .npz")
     p.add_argument("--out", required=True, help="the statistics .npz to write")
-    p = commands.add_parser("fid", help="FID overall and per superclass (Table 1)")
+    p = commands.add_parser("fid", help="FID overall and per superclass (Table 1); sFID, IS, precision and recall "
+                                        "(ADM's suite), from one Inception pass over the samples")
     p.add_argument("--samples", required=True, help="sample.py's .npz")
     p.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats), images .npz or data set root")
     p = commands.add_parser("lpips", help="LPIPS diversity between samples of the same class (Table 1)")
@@ -915,18 +1055,31 @@ def main(argv=None):
         cli.writable_folder(os.path.dirname(os.path.abspath(args.results)), "--results")
     if args.command in ("ref-stats", "fid"):
         inception = load_inception(args.inception, args.device)
-        options = {k: getattr(args, k) for k in ("image_size", "class_map", "batch_size", "num_workers", "device")}
-        reference = (args.command == "fid" and load_statistics(args.ref)) or image_set_statistics(
-            args.ref, inception, args.ref_data, args.ref_split, **options)  # fid also takes ref-stats' .npz as it is
+        reference = args.command == "fid" and load_statistics(args.ref)  # fid also takes ref-stats' .npz as it is
+        image_sets = {} if reference else {"ref": read_image_set(args.ref, args.ref_data, args.ref_split,
+                                                                 args.image_size, args.class_map)}
+        if args.command == "fid":
+            image_sets["samples"] = read_image_set(args.samples, image_size=args.image_size, class_map=args.class_map)
+        cli.check(*(too_few_images(images, f"--{flag} {getattr(args, flag)}") for flag, images in image_sets.items()))
+        if reference and (missing := missing_metrics(reference)):
+            print(f"--ref {args.ref} holds FID's statistics alone (an older ref-stats): {', '.join(missing)} need a "
+                  f"ref-stats made by this version, `python evaluate.py ref-stats --ref <the reference images> --out "
+                  f"<a new .npz>`; FID and IS follow")
+        statistics = {}
+        for flag, image_set in image_sets.items():  # one Inception pass over each set
+            features, labels = inception_features(image_set, inception, args.batch_size, args.num_workers, args.device)
+            statistics[flag] = image_set_statistics(features, labels, image_set["superclass_names"])
+        reference = reference or statistics["ref"]
     if args.command == "ref-stats":
         save_statistics(out, reference)
-        print(f"saved statistics of {', '.join(reference)} to {out}")
+        print(f"saved FID's statistics of {', '.join(reference['fid'])}, sFID's, and the {len(reference['pool3']):,} "
+              f"images' pool3 features (precision, recall) to {out}")
     elif args.command == "fid":
-        sample_stats = image_set_statistics(args.samples, inception, **options)
-        fids = fid_by_superclass(sample_stats, reference)
-        report("fid", fids, args.results, args.method)
-        if missing := sorted(set(sample_stats) - set(fids)):
-            print(f"no reference images for {missing} (the reference has {list(reference)})")
+        samples = statistics["samples"]
+        values = suite_metrics(samples, reference, args.device)
+        report(values, args.results, args.method, replaces=["fid", *SUITE_COLUMNS])
+        if missing := sorted(set(samples["fid"]) - set(values["fid"])):
+            print(f"no reference images for {missing} (the reference has {list(reference['fid'])})")
     elif args.command == "lpips":
         samples = read_image_npz(args.samples, args.class_map)
         cli.check(samples["labels"] is None and f"{args.samples} has no `labels`: LPIPS diversity pairs samples of "
@@ -938,7 +1091,7 @@ def main(argv=None):
         values = lpips_diversity(lpips, samples["images"], samples["labels"], samples["superclass_labels"],
                                  samples["superclass_names"], args.pairs_per_class, args.batch_size, args.seed,
                                  args.device)
-        report("lpips", values, args.results, args.method)
+        report({"lpips": values}, args.results, args.method)
     elif args.command == "judge":
         if args.split is None and args.data in ("toy", "taxa"):
             args.split = "target"  # the fine-tuned classes
@@ -954,7 +1107,7 @@ def main(argv=None):
               f"{len(np.unique(labels)):,} classes")
         scores = score_samples(judge.to(args.device), contents, images, labels, args.device)
         print_scores(scores)
-        merge_results(args.results, args.method, judge=scores)
+        merge_results({"judge": scores}, args.results, args.method)
     elif args.command == "table":
         print(results_table([read_json(path) for path in args.results]))
     elif args.command == "tsne":

@@ -45,6 +45,23 @@ def test_inception_loading_errors_name_the_problem(tmp_path):
         E.inception_from_state_dict(state_dict)
 
 
+def test_one_pass_gives_pool3_spatial_features_and_logits():
+    """features(): pool3 as pytorch-fid's; sFID's spatial features are the first 7 channels of the TF graph's
+    mixed_6/conv (Mixed_6d's 1x1 branch, 192 channels at 17x17), flattened as (H, W, C); IS's logits are pool3 times
+    the fc weight."""
+    f = fixture("inception_fid_random_fp16.pt")
+    model = E.inception_from_state_dict(f["state_dict"])
+    seen = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        pool3, spatial, logits = model.features(f["images"])
+    hook.remove()
+    assert rel_err(pool3, f["pool3"]) <= 1e-4
+    assert seen[0].shape == (3, 192, 17, 17) and spatial.shape == (3, 2023)
+    assert torch.equal(spatial, seen[0][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    assert logits.shape == (3, 1008) and torch.allclose(logits, pool3 @ model.fc.weight.T)
+
+
 def test_frechet_distance_matches_pytorch_fid():
     f = fixture("inception_fid_random_fp16.pt")
     fid = E.frechet_distance(*E.feature_stats(f["feats1"].numpy()), *E.feature_stats(f["feats2"].numpy()))
@@ -69,7 +86,7 @@ def test_frechet_distance_identical_symmetric_and_rank_deficient():
 
 # ---- FID per superclass (Table 1) ----
 
-def test_per_superclass_fid_uses_the_right_subsets(tmp_path):
+def test_per_superclass_fid_uses_the_right_subsets():
     rng = np.random.default_rng(1)
     names = ["Plants", "Birds", "Fungi"]
     sample_super, ref_super = rng.integers(0, 3, 300), rng.integers(0, 2, 240)  # the reference has no Fungi
@@ -77,15 +94,63 @@ def test_per_superclass_fid_uses_the_right_subsets(tmp_path):
     reference = rng.normal(size=(240, 8)) * 1.2 + ref_super[:, None]
     sample_stats = E.set_statistics(samples, sample_super, names)
     ref_stats = E.set_statistics(reference, ref_super, names)
-    E.save_statistics(tmp_path / "ref.npz", ref_stats)
-    np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 4, 4, 3), dtype=np.uint8))
-    assert E.load_statistics(str(tmp_path / "images.npz")) is None  # an images .npz is not statistics
-    fids = E.fid_by_superclass(sample_stats, E.load_statistics(tmp_path / "ref.npz"))
+    fids = E.fid_by_superclass(sample_stats, ref_stats)
     assert list(fids) == ["overall", "Plants", "Birds"]
     expected = {"overall": (samples, reference)}
     expected.update({names[s]: (samples[sample_super == s], reference[ref_super == s]) for s in (0, 1)})
     for name, (x, y) in expected.items():
         assert fids[name] == pytest.approx(E.frechet_distance(*E.feature_stats(x), *E.feature_stats(y)), rel=1e-9)
+
+
+# ---- The rest of ADM's suite: Inception Score, precision and recall, the ref-stats file ----
+
+def test_inception_score_of_uniform_and_confident_predictions():
+    assert E.inception_score(np.zeros((10, 1008))) == pytest.approx(1, abs=1e-12)  # p(y|x) = p(y): KL 0
+    for k in (1, 4, 10):  # each image sure of its class, the classes equally often: IS = k
+        confident = 100 * np.eye(1008)[np.arange(20) % k]
+        assert E.inception_score(confident) == pytest.approx(k, rel=1e-9)
+    halves = np.concatenate([100 * np.eye(1008)[np.arange(8) % 2], np.zeros((8, 1008))])
+    assert E.inception_score(halves, split_size=8) == pytest.approx((2 + 1) / 2, rel=1e-9)  # the mean over splits
+
+
+def test_precision_recall_identical_far_apart_and_by_hand():
+    a = np.random.default_rng(5).normal(size=(40, 8))
+    assert E.precision_recall(a, a) == (1.0, 1.0)
+    assert E.precision_recall(a, a, block_entries=50) == (1.0, 1.0)  # 1 row per block: the same
+    assert E.precision_recall(a + 1000, a) == (0.0, 0.0)
+    # on a line, k = 1: the reference 0, 1, 5 has balls of radius 1, 1, 4; the samples 0.5, 2, 10, 11 of 1.5, 1.5, 1, 1
+    reference = np.array([[0.0, 0], [1, 0], [5, 0]])
+    samples = np.array([[0.5, 0], [2, 0], [10, 0], [11, 0]])
+    assert E.manifold_radii(torch.from_numpy(reference), k=1).tolist() == [1, 1, 16]  # squared
+    # precision: 0.5 and 2 (on the sphere around 1) are inside, 10 and 11 are not; recall: 0 and 1 are, 5 is not
+    for block_entries in (E.BLOCK_ENTRIES, 1):
+        assert E.precision_recall(samples, reference, k=1, block_entries=block_entries) == (0.5, pytest.approx(2 / 3))
+
+
+def test_ref_stats_file_round_trip_and_an_older_file(tmp_path):
+    rng = np.random.default_rng(6)
+    features = dict(pool3=rng.normal(size=(30, 16)).astype(np.float32), spatial=rng.normal(size=(30, 6)),
+                    logits=rng.normal(size=(30, 5)))
+    stats = E.image_set_statistics(features, rng.integers(0, 2, 30), ["Plants", "Birds"])
+    E.save_statistics(tmp_path / "ref.npz", stats)
+    loaded = E.load_statistics(tmp_path / "ref.npz")
+    assert list(loaded["fid"]) == list(stats["fid"]) == ["overall", "Plants", "Birds"]
+    assert all(np.array_equal(x, y) for name in stats["fid"] for x, y in zip(loaded["fid"][name], stats["fid"][name]))
+    assert all(np.array_equal(x, y) for x, y in zip(loaded["sfid"], stats["sfid"]))
+    assert loaded["pool3"].dtype == np.float16 and np.array_equal(loaded["pool3"], features["pool3"].astype(np.float16))
+    values = E.suite_metrics(stats, loaded)  # the samples are the reference
+    assert list(values) == ["fid", "sfid", "is", "precision", "recall"] and E.missing_metrics(loaded) == []
+    assert all(fid < 1e-9 for fid in values["fid"].values()) and values["sfid"] < 1e-9
+    assert values["precision"] == values["recall"] == 1
+    # a file of the previous ref-stats: FID's statistics alone
+    np.savez(tmp_path / "old.npz", names=np.array(["overall"]), mu=stats["fid"]["overall"][0][None],
+             sigma=stats["fid"]["overall"][1][None])
+    old = E.load_statistics(str(tmp_path / "old.npz"))
+    assert old["sfid"] is None and old["pool3"] is None
+    assert E.missing_metrics(old) == ["sFID", "precision", "recall"]
+    assert list(E.suite_metrics(stats, old)) == ["fid", "is"]
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    assert E.load_statistics(str(tmp_path / "images.npz")) is None  # an images .npz is not statistics
 
 
 # ---- LPIPS against the lpips package ----
@@ -245,9 +310,16 @@ def test_image_batches_of_an_array_cover_it_in_order():
 
 
 def test_results_table():
-    table = E.results_table([{"method": "FineDiffusion", "fid": {"overall": 9.776, "Plants": 15.752},
-                              "lpips": {"overall": 0.721, "Plants": 0.693}}])
+    old = {"method": "FineDiffusion", "fid": {"overall": 9.776, "Plants": 15.752},
+           "lpips": {"overall": 0.721, "Plants": 0.693}}
+    table = E.results_table([old])
+    assert table.splitlines()[0] == "| Method | Plants FID↓ | Plants LPIPS↑ | overall FID↓ | overall LPIPS↑ |"
     assert "| FineDiffusion | 15.752 | 0.693 | 9.776 | 0.721 |" in table
+    new = {"method": "DiT", "fid": {"overall": 9.5}, "sfid": 6.25, "is": 121.5, "precision": 0.75, "recall": 0.625}
+    lines = E.results_table([old, new]).splitlines()
+    assert lines[0].endswith("| overall LPIPS↑ | sFID↓ | IS↑ | Precision↑ | Recall↑ |")
+    assert lines[2] == "| FineDiffusion | 15.752 | 0.693 | 9.776 | 0.721 | – | – | – | – |"
+    assert lines[3] == "| DiT | – | – | 9.500 | – | 6.250 | 121.500 | 0.750 | 0.625 |"
 
 
 # ---- The command line, end to end ----
@@ -272,15 +344,33 @@ def test_fid_and_tsne_from_the_command_line(toy_runs, tmp_path, capsys):
     np.savez(tmp_path / "other.npz", arr_0=255 - images, labels=reference["labels"],
              superclass_labels=reference["superclass_labels"], superclass_names=reference["superclass_names"])
     capsys.readouterr()
-    fids = {}
+    results = {}
     for name in ("same", "other"):
         E.main(["fid", "--samples", str(tmp_path / f"{name}.npz"), "--ref", str(tmp_path / "ref.npz"),
                 "--results", str(tmp_path / "results.json"), "--method", name] + common)
-        fids[name] = json.loads((tmp_path / "results.json").read_text())["fid"]
+        results[name] = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["same"]) == ["method", "fid", "sfid", "is", "precision", "recall"]
+    fids = {name: result["fid"] for name, result in results.items()}
     assert list(fids["same"]) == ["overall"] + reference["superclass_names"]
-    assert all(abs(value) < 1e-3 for value in fids["same"].values())
-    assert all(value > 1 for value in fids["other"].values())
-    assert "FID overall: 0.000" in capsys.readouterr().out
+    assert all(abs(value) < 1e-3 for value in fids["same"].values()) and abs(results["same"]["sfid"]) < 1e-3
+    assert results["same"]["precision"] == results["same"]["recall"] == 1
+    assert all(value > 1 for value in fids["other"].values()) and results["other"]["sfid"] > 1
+    out = capsys.readouterr().out
+    assert "FID overall: 0.000" in out and "sFID: 0.000" in out and "precision: 1.000" in out
+    # ref-stats of the previous version (FID's statistics alone): FID and IS, and one line on what the rest need;
+    # the results JSON keeps no sFID, precision or recall of the run before beside them
+    with np.load(tmp_path / "ref.npz") as f:
+        np.savez(tmp_path / "old.npz", names=f["names"], mu=f["mu"], sigma=f["sigma"])
+    np.savez(tmp_path / "four.npz", arr_0=images[:4])
+    E.main(["fid", "--samples", str(tmp_path / "four.npz"), "--ref", str(tmp_path / "old.npz"),
+            "--results", str(tmp_path / "results.json")] + common)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "made by this version" in line]
+    assert len(notes) == 1 and "sFID, precision, recall need a ref-stats made by this version" in notes[0]
+    assert "python evaluate.py ref-stats" in notes[0]
+    assert list(json.loads((tmp_path / "results.json").read_text())) == ["method", "fid", "is"]
+    np.savez(tmp_path / "three.npz", arr_0=images[:3])
+    with pytest.raises(ValueError, match="3 images, and precision and recall need at least 4"):
+        E.main(["fid", "--samples", str(tmp_path / "three.npz"), "--ref", str(tmp_path / "ref.npz")] + common)
 
     E.main(["tsne", "--checkpoint", toy_runs["checkpoint"], "--out", str(tmp_path / "tsne.png"), "--iterations",
             "100", "--size", "320", "240", "--device", "cpu"])

@@ -62,7 +62,8 @@ def test_table_1_in_miniature_runs_to_the_end(taxa, tmp_path, monkeypatch, capsy
         f"{n:03d}-{run}" for n, run in enumerate(runs, 2)]
     table = open(os.path.join(folder, "table.md")).read().splitlines()
     assert table[0].startswith("| method | trains | train img/s | fine acc.↑ | genus acc.↑ | superclass acc.↑ |")
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[2:]}
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]
+    rows = {row[0]: row[1:] for row in cells}
     assert list(rows) == list(METHODS) + ["real images (held out)", "chance"]
     percent = {method: float(cells[0].rstrip("%")) for method, cells in list(rows.items())[:len(METHODS)]}
     assert percent["finediffusion"] < percent["lora"] < percent["diffscaler"] < percent["full"]

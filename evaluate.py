@@ -8,7 +8,10 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
    (Kynkäänniemi et al., 2019), overall.
 2) LPIPS diversity (Zhang et al., 2018): LPIPS v0.1 (AlexNet) averaged over pairs of samples of the same class,
    overall and per superclass: Table 1's LPIPS columns.
-3) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
+3) The judge: a small classifier trained on a data set's real images that scores samples by whether they show the
+   class asked for (the Classification Accuracy Score of Ravuri & Vinyals, 2019), at every rank of the taxonomy,
+   with a Fréchet distance and a diversity figure in its own features.
+4) Exact t-SNE (van der Maaten & Hinton, 2008) of the TieredEmbedder's label table, drawn as Figure 7.
 (Table 2, parameters and training cost, is bench.py's.)
 
     python evaluate.py ref-stats --ref-data inat --ref /data/inat2021 --ref-split val --out ref256.npz \\
@@ -16,6 +19,8 @@ The measurements of the FineDiffusion paper (Sec. 4.3 - 4.6), written out with t
     python evaluate.py fid --samples samples.npz --ref ref256.npz --inception ... --method Ours --results r.json
     python evaluate.py lpips --samples samples.npz --lpips-weights alex.pth alexnet-owt-7be5be79.pth --results r.json
     python evaluate.py table r.json                       # Table 1 as markdown
+    python evaluate.py judge --data taxa --out judge.pt   # train the judge on the real images (the toy taxonomy)
+    python evaluate.py score --judge judge.pt --samples samples.npz --results r.json   # accuracy at every rank
     python evaluate.py tsne --checkpoint results/001-DiT-XL-2-finediffusion   # Figure 7, into the run folder
     python evaluate.py data --data inat --data-path /data/inat2021 --check --save-hierarchy inat_classes.json
 """
@@ -741,9 +746,9 @@ def load_judge(path):
 def describe_judge(contents):
     """One line: what a judge was trained on and its accuracy on held-out real images."""
     data = contents["data"]
-    return (f"judge of {data['kind']} {data.get('split') or ''} {data.get('path') or ''} at {contents['image_size']} "
-            f"px ({len(contents['hierarchy']['class_names'])} classes, {data['images']:,} images); on its "
-            f"{data['held_out_images']:,} held-out real images: " + ", ".join(
+    where = " ".join(str(part) for part in (data["kind"], data.get("split"), data.get("path")) if part)
+    return (f"judge of {where} at {contents['image_size']} px ({len(contents['hierarchy']['class_names'])} classes, "
+            f"{data['images']:,} images); on its {data['held_out_images']:,} held-out real images: " + ", ".join(
                 f"{rank} {acc:.3f}" for rank, acc in contents["held_out"].items()))
 
 

@@ -21,7 +21,8 @@ from conftest import ROOT
 
 SCRIPTS = dict(train=lambda argv: train.main(train.parse_args(argv)), sample=lambda argv: sample.main(
     sample.parse_args(argv)), evaluate=evaluate.main, data=lambda argv: evaluate.main(["data", *argv]),
-    bench=bench.main, fullsize=lambda argv: fullsize.main(fullsize.parse_args(argv)))
+    bench=bench.main, fullsize=lambda argv: fullsize.main(fullsize.parse_args(argv)),
+    toy=lambda argv: toy.main(toy.parse_args(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,9 @@ def cases(toy):
         ("evaluate", ["judge", "--epochs", "0", "--out", "j.pt"], ">= 1"),
         ("evaluate", ["judge", "--out", "{bad}/text.pt"], "exists and is not overwritten"),
         ("evaluate", ["judge", "--data", "toy", "--split", "nope", "--out", "j.pt"], "toy split 'nope'"),
+        ("toy", ["--table", "--data", "toy"], "three ranks at least, and toy's classes have two"),
+        ("toy", ["--quick"], "go with --table"), ("toy", ["--table", "--method", "lora"], "without --method"),
+        ("toy", ["--table", "--samples-per-class", "1"], ">= 2"),
         ("fullsize", ["--images", "1"], ">= 2"), ("fullsize", ["--out", "{bad}/text.pt"], "exists and is not "),
         ("bench", ["--steps", "0"], ">= 1"), ("bench", ["--methods", "adapter"], "unknown ['adapter']"),
         ("bench", ["--image-size", "100"], "multiple of 16"), ("bench", ["--samplers", "euler"], "unknown ['euler']"),

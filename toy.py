@@ -5,7 +5,7 @@ The toy experiment: what the papers do, in miniature, on a CPU, in one command (
     python toy.py --method lora          # another method on the same base (a finished base is reused)
     python toy.py --max-steps 300        # shorter (and a base of twice that)
     python toy.py --table                # Table 1 in miniature: every method, two seeds, judged (33 min)
-    python toy.py --table --quick        # the same, short enough to try (~15 min)
+    python toy.py --table --quick        # the same at 100 steps a run, to try the command (8 min)
 
 1. Pre-train a tiny DiT (DiT-T/2, 16 px, pixels) on the toy source split (ImageNet's role) for 2x --max-steps, into
    results/NNN-toy-base; a finished one is reused, an interrupted one resumed.

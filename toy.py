@@ -185,7 +185,6 @@ def fine_tune_settings(args, method, seed):
 def table(args):
     """Table 1 in miniature -> its folder (table.md, table.png, accuracy.png, scores/, samples/)."""
     started = time.time()
-    args.split = args.split if "split" in args.given else "target"
     dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, args.split, hflip=False)
     ranks = [rank for rank, _, _ in hierarchy.ranks()]
     cli.check(len(ranks) < 3 and f"--table scores accuracy at three ranks at least, and {args.data} {args.split} has "

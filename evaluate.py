@@ -643,7 +643,7 @@ def held_out(labels, every=JUDGE_HELD_OUT):
     return mask
 
 
-def train_judge(images, labels, num_classes, epochs=20, batch_size=64, width=32, lr=3e-3, seed=0, device="cpu"):
+def train_judge(images, labels, num_classes, epochs=10, batch_size=64, width=32, lr=3e-3, seed=0, device="cpu"):
     """A Judge trained on uint8 images (N, S, S, 3) of fine `labels`: AdamW, a cosine schedule, and each batch shifted
     by up to 2 px (never mirrored: a mirror can be another class, as in the toy sets)."""
     generator = torch.Generator().manual_seed(seed)
@@ -701,7 +701,7 @@ def within_class_spread(features, labels, num_classes):
     return spread
 
 
-def make_judge(dataset, hierarchy, data, epochs=20, width=32, seed=0, num_workers=4, device="cpu"):
+def make_judge(dataset, hierarchy, data, epochs=10, width=32, seed=0, num_workers=4, device="cpu"):
     """Train a judge on a data set's real images (unmirrored) -> the judge file's contents. `data` describes them
     (kind, path, split) for messages; their files and labels are fingerprinted."""
     rows, images = zip(*read_images(dataset, num_workers=num_workers))

@@ -242,6 +242,10 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.files) * (2 if self.hflip else 1)
 
+    def fingerprint(self):
+        """The sha256 of its files and labels (`fingerprint`): what a latent cache or a judge was made from."""
+        return fingerprint(dict(files=self.files, labels=self.labels))
+
     def read(self, j):
         """Image j -> (H, W, 3) uint8 after the centre crop; raises if the file cannot be decoded. One far smaller
         than image_size (upscaled more than 2x) is used, and reported."""
@@ -807,7 +811,7 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache -> LatentDataset.
     Every rank calls this (torch.distributed initialized when world_size > 1)."""
     meta_path, latents_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "latents.npy")
-    wanted = dict(format=2, files=fingerprint(dict(files=dataset.files, labels=dataset.labels)),
+    wanted = dict(format=2, files=dataset.fingerprint(),
                   num_images=len(dataset.files), image_size=dataset.image_size, hflip=dataset.hflip,
                   vae=fingerprint(vae.state_dict()), scaling_factor=float(vae.scaling_factor),
                   dtype=np.dtype(dtype).name)

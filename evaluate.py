@@ -45,7 +45,7 @@ from tqdm import tqdm
 import cli
 from checkpoint import WEIGHTS_HELP, find_checkpoint, read_label_table, run_folder
 from cli import POSITIVE, WORKERS, new_file, number
-from data import (DATA_KINDS, Hierarchy, fingerprint, load_dataset, read_images, read_json, to_tensor,
+from data import (DATA_KINDS, Hierarchy, load_dataset, read_images, read_json, to_tensor,
                   toy_superclass_color)
 from model import load_checked, load_state_dict_file
 
@@ -716,7 +716,7 @@ def make_judge(dataset, hierarchy, data, epochs=10, width=32, seed=0, num_worker
     stats = set_statistics(features, superclass_labels, hierarchy.superclass_names)
     return dict(format=JUDGE_FORMAT, width=width, image_size=dataset.image_size, state_dict=judge.state_dict(),
                 hierarchy=hierarchy.to_dict(), held_out=accuracy, chance=chance,
-                data=dict(data, files=fingerprint(dict(files=dataset.files, labels=dataset.labels)),
+                data=dict(data, files=dataset.fingerprint(),
                           images=len(labels), held_out_images=int(test.sum())),
                 reference=dict(names=list(stats), mu=torch.as_tensor(np.stack([m for m, _ in stats.values()])),
                                sigma=torch.as_tensor(np.stack([s for _, s in stats.values()]))),

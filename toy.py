@@ -35,7 +35,6 @@ import sample
 import train
 from checkpoint import (SAMPLES_DIR, find_checkpoint, named_runs, open_run, read_checkpoint, read_metrics,
                         run_folder)
-from data import fingerprint
 from peft import METHODS, parameter_table
 
 # The fine-tune's settings; the base trains from scratch on the source split with its own lr and name.
@@ -117,9 +116,9 @@ def table_judge(args, dataset):
     """The judge of the target split, reused while its images are the same ones (their fingerprint) -> its path."""
     path = judge_path(args.data, args.data_path, args.split, args.image_size)
     if os.path.exists(path):
-        cli.check(evaluate.load_judge(path)[1]["data"]["files"] != fingerprint(dict(
-            files=dataset.files, labels=dataset.labels)) and f"{path} is a judge of other images than the {args.data} "
-                  f"{args.split} split now in {args.data_path or 'cache/toy'}: move it away to make a new one")
+        cli.check(evaluate.load_judge(path)[1]["data"]["files"] != dataset.fingerprint() and f"{path} is a judge of "
+                  f"other images than the {args.data} {args.split} split now in {args.data_path or 'cache/toy'}: "
+                  f"move it away to make a new one")
         print(f"judge: reusing {path}")
         return path
     evaluate.main(["judge", "--data", args.data, "--split", args.split, "--image-size", str(args.image_size),

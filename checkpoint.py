@@ -1,56 +1,371 @@
-"""
-A run on disk: run folders and their names, the checkpoint format, and `load_model`, the one way every script
-(sample, evaluate, bench, train's resume) turns a checkpoint into a model.
+"""Files on disk: runs and their checkpoints, official weight files, locks and fingerprints.
 
-    results/NNN-<name>/              a run; NNN one above the highest number there, <name> its --run-name
-        checkpoints/0040000.pt       the Checkpoint of step 40,000, written into a temporary file and renamed
-        log.txt                      what train.py said
-        metrics.jsonl                one JSON line per logged step: {step, loss, steps_per_s, images_per_s, lr, method}
-        samples/                     grids and bulk samples, of the training and of sample.py
-        lock                         while a process writes the run: who it is (data.Lock; one writer per run)
+    results/NNN-<name>/          a run: NNN one above the highest number there
+        checkpoints/0040000.pt   the Checkpoint of step 40,000
+        log.txt, metrics.jsonl   what train.py said; each logged step's metrics (read_metrics)
+        samples/                 grids and bulk samples (sample i is of class i mod C)
+        lock                     while a process writes the run: who it is (Lock)
 
-A name stands for its newest run, a run for its newest checkpoint (`find_checkpoint`). A delta (a method freezing part
-of its base) names its base by path and sha256 (`fingerprint`); `load_model`: base -> prepare -> tensors -> merge.
+A name stands for its newest run, a run for its newest checkpoint (find_checkpoint). Every file
+is written to a .tmp and renamed when complete.
 """
+import contextlib
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
+import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import LOCK_FILE, Lock, fingerprint, remove_temporaries
-from model import LABEL_TABLE_KEY, DiT, dit_state_dict, load_dit, load_state_dict_file
+from model import DIT_CONFIGS, AutoencoderKL, DiT, superclass_count
 from peft import merge, prepare, trainable_state_dict
 
-CHECKPOINTS_DIR, SAMPLES_DIR, METRICS_FILE, LOG_FILE = "checkpoints", "samples", "metrics.jsonl", "log.txt"
+CHECKPOINTS_DIR, SAMPLES_DIR = "checkpoints", "samples"
+METRICS_FILE, LOG_FILE, LOCK_FILE = "metrics.jsonl", "log.txt", "lock"
 
-# -----------------------------------------------------------------------------------------------------------
-# The checkpoint format: the one place that knows its keys
+# -------------------------------------------------------------------------------------------------
+# Plain files: JSON a user gives, atomic writes, the samples' classes, fingerprints
 
-FORMAT = 2  # 1: the unversioned files of the first versions
-WEIGHTS_HELP = ("which weights of a training checkpoint (ours, or official {model, ema}): ema, their moving average "
-                "(what the papers sample), or raw, the trained values themselves. Early in a short fine-tune the EMA "
-                "is still mostly the base model")
+def read_json(path):
+    """A JSON file a user gave; a folder or a file that does not parse: a ValueError naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: a JSON file is expected here")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def write_atomically(path, write, size=None):
+    """write(f) on `path`.tmp, then renamed: a kill or a full disk (`size` needed) tears no file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except (OSError, RuntimeError) as error:  # torch reports a short write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        needs = f"it needs about {size / 2**20:,.0f} MiB and " if size is not None else ""
+        raise OSError(f"could not write {path} ({str(error).splitlines()[0]}): {needs}its disk "
+                      f"has {free:,.0f} MiB free. Nothing was left half-written") from None
+    os.replace(tmp, path)
+
+
+def sample_classes(count, num_classes):
+    """The classes of `count` bulk samples: sample i is of class i mod C."""
+    return np.arange(count) % num_classes
+
+
+def fingerprint(tensors):
+    """The sha256 of {name: tensor or array}'s names, shapes, dtypes and bytes: its identity."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor):
+            tensor = tensor.detach().cpu().contiguous()
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+        else:
+            tensor = data = np.ascontiguousarray(tensor)  # hashed through the buffer protocol
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def remove_temporaries(pattern):
+    """Remove the files or folders matching `pattern`: a killed writer's, by the lock's holder."""
+    for path in glob.glob(pattern):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# One writer at a time: an OS file lock, freed however its process ends (no process table read)
+
+class Lock(contextlib.AbstractContextManager):
+    """The file `path` locked till release() or this process ends; held: a ValueError naming who."""
+    def __init__(self, path, what):
+        self.path = path
+        while True:
+            self.file = open(path, "a+")
+            try:
+                if os.name == "nt":
+                    import msvcrt
+                    self.file.seek(2**20)  # a byte far past the holder's name, which stays readable
+                    msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+                    fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise ValueError(f"{what} is in use by {holder} (lock {path}): one process writes "
+                                 f"it at a time; wait for that one to end, or stop it") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(self.file.fileno()),
+                                                         os.stat(path)):
+                break
+            self.file.close()  # the last holder removed the file as we opened it: lock the new one
+        self.file.truncate(0)
+        print(f"process {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%d %H:%M')}", file=self.file, flush=True)
+
+    def release(self):
+        """Free the lock; the file goes first, while held, so none locks a file about to vanish."""
+        with contextlib.suppress(OSError):  # Windows removes no open file: it stays, unlocked
+            os.remove(self.path)
+        self.file.close()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# -------------------------------------------------------------------------------------------------
+# Weight files: .safetensors read by hand, others by torch.load(weights_only=True); strict loads
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file (u64 header size, JSON header, raw bytes) -> {name: CPU tensor}."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    bad = f"{path} is not a valid .safetensors file:"
+    header_size = int.from_bytes(blob[:8], "little")
+    if len(blob) < 8 or 8 + header_size > len(blob):
+        raise ValueError(f"{bad} {len(blob)} bytes hold no 8-byte header size and the header it "
+                         f"gives (truncated?)")
+    try:
+        header = json.loads(blob[8:8 + header_size].decode("utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{bad} the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad} the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data, tensors = memoryview(blob)[8 + header_size:], {}
+    for name, info in header.items():
+        fields = info if isinstance(info, dict) else {}
+        shape, offsets = fields.get("shape"), fields.get("data_offsets")
+        if not (fields.get("dtype") in SAFETENSORS_DTYPES and isinstance(shape, list)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(n, int) and n >= 0 for n in shape + offsets)):
+            raise ValueError(f"{bad} bad header entry for {name!r}: {info!r} (supported dtypes: "
+                             f"{', '.join(SAFETENSORS_DTYPES)})")
+        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], offsets
+        if not begin <= end <= len(data):
+            raise ValueError(f"{bad} {name!r} has data_offsets [{begin}, {end}] outside the "
+                             f"{len(data)} data bytes (truncated?)")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{bad} {name!r} has {end - begin} bytes but shape {shape} of "
+                             f"{info['dtype']} needs {nbytes}")
+        # bytearray: a fresh, aligned, writable copy for the tensor to own
+        tensors[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+                         if nbytes else torch.empty(shape, dtype=dtype))
+    spans = sorted((*info["data_offsets"], name) for name, info in header.items())
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise ValueError(f"{bad} the data of {prev_name!r} and {name!r} overlap")
+    return tensors
+
+
+def load_state_dict_file(path, where_to_get=""):
+    """A weight file's contents (.safetensors, .pt, .pth, .bin); errors end with `where_to_get`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}. {where_to_get}".strip())
+    if os.fspath(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or a pickle that would run code
+        why = str(e).strip()
+        reason = type(e).__name__ + (f": {why.splitlines()[0]}" if why else "")
+        raise ValueError(f"{path} cannot be read as a checkpoint ({reason[:200]}). "
+                         f"{where_to_get}".strip()) from None
+
+
+def load_checked(model, state_dict, source, where_to_get, assign=False):
+    """A strict load -> model; a mismatch: a ValueError naming the keys, then `where_to_get`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+             for k, v in state_dict.items()}
+    problems = {"missing keys": [k for k in expected if k not in found],
+                "unexpected keys": [k for k in found if k not in expected],
+                "mis-shaped keys": [f"{k} (file {found[k]}, model {expected[k]})"
+                                    for k in expected if k in found and found[k] != expected[k]]}
+    if lines := [f"{kind} ({len(keys)}): " + ", ".join(keys[:10]) + ", ..." * (len(keys) > 10)
+                 for kind, keys in problems.items() if keys]:
+        raise ValueError(f"{source} does not match {type(model).__name__}:\n  "
+                         + "\n  ".join(lines) + f"\n{where_to_get}")
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+    return model
+
+
+# -------------------------------------------------------------------------------------------------
+# DiT files: official .pt, DiT and FineDiffusion training checkpoints {model, ema}, .safetensors
+
+LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
+DIT_SOURCE = ("The official DiT checkpoints: https://dl.fbaipublicfiles.com/DiT/models/"
+              "DiT-XL-2-256x256.pt and DiT-XL-2-512x512.pt (github.com/facebookresearch/DiT).")
+
+
+def dit_state_dict(checkpoint, weights="ema"):
+    """A file's DiT weights: a training checkpoint's "ema" or "raw" (model) ones, else it."""
+    if not isinstance(checkpoint, dict):
+        return checkpoint
+    keys = ("ema", "model") if weights == "ema" else ("model", "ema")
+    return next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), checkpoint)
+
+
+def heads_for_width(hidden_size):
+    """A file records no heads: its width's in DIT_CONFIGS (XL: 16), else one per 64 channels."""
+    by_width = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}
+    return by_width.get(hidden_size, max(1, hidden_size // 64))
+
+
+def read_dit_shape(state_dict, source="this file"):
+    """The architecture a DiT state dict's shapes say (heads by heads_for_width)."""
+    if not isinstance(state_dict, dict) or "x_embedder.proj.weight" not in state_dict:
+        keys = (f"keys {list(state_dict)[:5]}" if isinstance(state_dict, dict)
+                else f"a {type(state_dict).__name__}")
+        raise ValueError(f"{source} is not a DiT checkpoint: it holds {keys}, not a state dict "
+                         f"with x_embedder.proj.weight. {DIT_SOURCE}")
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
+    pos_embed = state_dict.get("pos_embed")  # fixed, so a file may leave it out
+    grid = int(pos_embed.shape[1] ** 0.5) if pos_embed is not None else None
+    return dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
+                hidden_size=hidden, patch_size=patch, in_channels=in_channels,
+                num_heads=heads_for_width(hidden), learn_sigma=out == 2 * in_channels,
+                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                input_size=grid and grid * patch, table_rows=state_dict[LABEL_TABLE_KEY].shape[0],
+                norm_affine="final_layer.norm_final.weight" in state_dict)
+
+
+def dit_name(shape):
+    """The DIT_CONFIGS name of an architecture (a config or read_dit_shape's), or None."""
+    return next((name for name, c in DIT_CONFIGS.items()
+                 if all(shape[k] == c[k] for k in ("depth", "hidden_size", "patch_size"))), None)
+
+
+def describe_dit(shape):
+    """One line a user can act on: which model, image size and label table a DiT fits."""
+    side = shape["input_size"]
+    size = ("any image size" if side is None else f"{side * 8} px images"
+            if shape["in_channels"] == 4 else f"{side} px in pixel space")
+    return (f"{dit_name(shape) or 'a DiT of another shape'} (depth {shape['depth']}, hidden "
+            f"{shape['hidden_size']}, patch {shape['patch_size']}), {size}, {shape['table_rows']} "
+            f"label rows (ImageNet's: 1000 + null), {'affine' if shape['norm_affine'] else 'plain'}"
+            f" LayerNorms")
+
+
+def load_dit_weights(model, state_dict, source="the checkpoint"):
+    """load_checked, its errors saying what the file fits; pos_embed (fixed) is ours if off-grid."""
+    if state_dict.get("pos_embed", model.pos_embed[:0]).shape != model.pos_embed.shape:
+        state_dict = {**state_dict, "pos_embed": model.pos_embed.detach()}
+    try:
+        fits = f"The file holds {describe_dit(read_dit_shape(state_dict))}."
+    except (ValueError, KeyError):
+        fits = "The file is not a DiT checkpoint."
+    return load_checked(model, state_dict, source, fits + " " + DIT_SOURCE)
+
+
+def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None,
+             weights="ema"):
+    """The DiT of any shape a file (a path, or what was read from `source`) holds, resized to
+    input_size; a FineDiffusion table is split by class_to_superclass."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
+    state_dict = dit_state_dict(checkpoint, weights)
+    config = read_dit_shape(state_dict, source)
+    rows, parents = config.pop("table_rows"), class_to_superclass  # the rest: DiT's arguments
+    config.update(input_size=config["input_size"] or input_size,
+                  num_heads=num_heads or config["num_heads"])
+    if not config["input_size"]:
+        raise ValueError(f"{source} has no pos_embed, so its grid is unknown: give the input size")
+    if config["hidden_size"] % config["num_heads"]:
+        raise ValueError(f"{source}: its width {config['hidden_size']} does not split into "
+                         f"{config['num_heads']} heads (DiT-XL/2: 16 heads of 72)")
+    if not config["norm_affine"]:  # official DiT: classes + the null row
+        config.update(num_classes=rows - 1)
+    elif parents is None or rows - len(parents) < superclass_count(parents):
+        given = "" if parents is None else f" (not one of {len(parents)} classes)"
+        raise ValueError(f"{source} holds a FineDiffusion table of {rows} rows (classes, then "
+                         f"superclasses): its class list is needed{given}, a hierarchy JSON or "
+                         f"iNat's train_mini.json")
+    else:  # official FineDiffusion: [fine | superclass] rows, no null row
+        config.update(num_classes=len(parents), num_superclasses=rows - len(parents),
+                      class_to_superclass=parents, null_row=False)
+    return load_dit_weights(DiT(**config), state_dict, source).resize(input_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# The SD VAE (sd-vae-ft-ema, sd-vae-ft-mse) from diffusers files
+
+SD_VAE_SOURCE = ("Get the Stable Diffusion VAE from https://huggingface.co/stabilityai/sd-vae-ft-"
+                 "ema or sd-vae-ft-mse: diffusion_pytorch_model.safetensors (.bin), config.json.")
+# older diffusers checkpoints name the attention projections query/key/value/proj_attn
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def load_vae_state_dict(vae, state_dict, source="state dict"):
+    """load_checked for a VAE (on meta: it takes the tensors), legacy attention names renamed."""
+    legacy = re.compile(r"(\battentions\b.*\.)(query|key|value|proj_attn)(\.[^.]*)$")
+    renamed = {legacy.sub(lambda m: m[1] + LEGACY_ATTENTION_NAMES[m[2]] + m[3], key): value
+               for key, value in state_dict.items()}
+    return load_checked(vae, renamed, source, SD_VAE_SOURCE,
+                        assign=vae.encoder.conv_in.weight.is_meta)
+
+
+def load_vae(path, device="cpu"):
+    """A diffusers VAE folder or weights file, configured by a config.json beside it, else SD's."""
+    names = [os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin")]
+    weights = next((c for c in (names if os.path.isdir(path) else [path]) if os.path.isfile(c)),
+                   None)
+    if weights is None:
+        raise FileNotFoundError(f"no VAE at {path} (a folder holds diffusion_pytorch_model"
+                                f".safetensors or .bin). {SD_VAE_SOURCE}")
+    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    state_dict = load_state_dict_file(weights)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{weights} does not hold a state dict. {SD_VAE_SOURCE}")
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        vae = AutoencoderKL.from_config(config)
+    return load_vae_state_dict(vae, state_dict, weights).to(device, torch.float32).eval()
+
+
+# -------------------------------------------------------------------------------------------------
+# The checkpoint format of train.py: the one place that knows its keys
+
+FORMAT = 2  # 1: the unversioned files of the first versions, refused with a message
+WEIGHTS_HELP = ("which weights of a training checkpoint: ema, their moving average (what the "
+                "papers sample; early in a fine-tune mostly the base), or raw, the trained values")
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint of train.py. On disk: a dict of these fields and `format`, plain data and tensors only, so
-    torch.load(weights_only=True) reads it. The last four are what a resume needs (None in one made for sampling)."""
+    """A train.py checkpoint: on disk a dict of these fields and `format`; the last four resume."""
     method: str  # a key of peft.METHODS
-    options: dict  # peft.prepare()'s keyword arguments: class_to_superclass, num_superclasses, p_parent, its own
-    dit: dict  # the base's architecture: DiT(**dit) (model.DiT.config)
-    base: dict  # {path, sha256}: the base checkpoint and its fingerprint; None where the file holds every tensor
-    hierarchy: dict  # data.Hierarchy.to_dict(): class names, superclass names, the fine -> superclass map
+    options: dict  # peft.prepare()'s keyword arguments (class_to_superclass, p_parent, ...)
+    dit: dict  # the base's architecture: DiT(**dit) (DiT.config)
+    base: dict  # {path, sha256} of the base checkpoint; None where the file holds every tensor
+    hierarchy: dict  # data.Hierarchy.to_dict()
     vae: str  # the VAE (a path) whose latent space the model works in; None: pixel space
-    data: dict  # what it trained on: {kind, path, split, image_size, hflip (mirrored copies or not)}
+    data: dict  # what it trained on: {kind, path, split, image_size, hflip}
     model: dict  # {name: tensor} of every parameter the method trains
-    ema: dict  # the same names: their exponential moving average in float32, what sampling uses
+    ema: dict  # the same names: their exponential moving average in float32
     step: int  # optimizer steps taken
     optimizer: dict = None  # the AdamW state dict
     scaler: dict = None  # the fp16 GradScaler state dict
@@ -58,50 +373,38 @@ class Checkpoint:
     settings: dict = None  # train.py's flags, {name: value}
 
     def tensors(self, weights="ema"):
-        """The trained tensors to use: "ema", their moving average (what sampling uses by default), or "raw"."""
+        """The trained tensors: "ema", their moving average (what sampling uses), or "raw"."""
         return self.ema if weights == "ema" else self.model
 
 
 def save_checkpoint(path, checkpoint):
-    """Write a Checkpoint atomically: into a temporary file, then renamed (a kill never tears it; the run's lock
-    holder removes what a killed writer left). A write that fails (a full disk) leaves nothing behind and says how
-    much it needed: the files written before it are untouched."""
-    contents = dict(format=FORMAT, **{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)})
-    tmp = f"{path}.tmp"
+    """Write a Checkpoint atomically (write_atomically)."""
+    contents = dict(format=FORMAT, **vars(checkpoint))  # vars: no copy of the tensors
     try:
-        torch.save(contents, tmp)
-    except (OSError, RuntimeError) as error:  # torch reports a short write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        size = sum(t.numel() * t.element_size() for t in tensors_of(contents)) / 2**20
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
-        raise OSError(f"could not write {path} ({str(error).splitlines()[0]}): it needs about {size:,.0f} MiB and "
-                      f"its disk has {free:,.0f} MiB free. Nothing was left half-written; earlier checkpoints are "
-                      f"untouched, so the run resumes from its newest once there is space") from None
-    os.replace(tmp, path)
+        write_atomically(path, lambda f: torch.save(contents, f), nbytes(contents))
+    except OSError as error:
+        raise OSError(f"{error}; earlier checkpoints are untouched, so the run resumes from its "
+                      f"newest once there is space") from None
 
 
-def tensors_of(contents):
-    """Every tensor in nested dicts and lists."""
-    if torch.is_tensor(contents):
-        return [contents]
+def nbytes(contents):
+    """The bytes of every tensor in nested dicts and lists."""
     if isinstance(contents, dict):
         contents = list(contents.values())
-    values = contents if isinstance(contents, (list, tuple)) else []
-    return [t for value in values for t in tensors_of(value)]
+    if isinstance(contents, (list, tuple)):
+        return sum(map(nbytes, contents))
+    return contents.numel() * contents.element_size() if torch.is_tensor(contents) else 0
 
 
 def as_checkpoint(contents, source):
-    """What torch.load read from a file -> Checkpoint, or None when it is no checkpoint of train.py."""
+    """What torch.load read -> Checkpoint, or None when it is no checkpoint of train.py."""
     if not (isinstance(contents, dict) and "method" in contents):
         return None
     if contents.get("format", 1) != FORMAT:
-        raise ValueError(f"{source} is a train.py checkpoint of format {contents.get('format', 1)}; this version "
-                         f"reads format {FORMAT} only: sample or resume it with the version of this repository that "
-                         f"wrote it, or train again")
+        raise ValueError(f"{source} is a train.py checkpoint of format {contents.get('format', 1)}"
+                         f"; this version reads format {FORMAT} only: use the one that wrote it")
     names = [f.name for f in dataclasses.fields(Checkpoint)]
-    missing = [name for name in names if name not in contents]
-    if missing:
+    if missing := [name for name in names if name not in contents]:
         raise ValueError(f"{source} is an incomplete train.py checkpoint: it lacks {missing}")
     return Checkpoint(**{name: contents[name] for name in names})
 
@@ -114,73 +417,71 @@ def read_checkpoint(path):
 
 
 def load_base(path, input_size=None, num_heads=None):
-    """A base to fine-tune, from any DiT file or train.py checkpoint (adapters merged) -> (model, {path, sha256})."""
+    """A base to fine-tune from any DiT or train.py file -> (model, {path, sha256})."""
     model, _ = load_model(path, input_size=input_size, num_heads=num_heads)
     return model, dict(path=os.path.abspath(path), sha256=fingerprint(model.state_dict()))
 
 
-def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None, weights="ema", merged=True):
-    """
-    Any checkpoint file -> (model, Checkpoint or None). A train.py checkpoint is rebuilt: its base (from `base`, or
-    the path it recorded, checked against its fingerprint; a fresh DiT(**dit) when the file holds every trained
-    tensor), peft.prepare(method), then its trained tensors (`weights`: "ema" or "raw"), then peft.merge unless
-    merged=False (to train on). Any other DiT file (official DiT, official FineDiffusion, safetensors) is read by
-    model.load_dit; a tiered table needs `class_to_superclass`. `input_size`: another grid (DiT.resize).
-    """
+def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None,
+               weights="ema", merged=True):
+    """Any checkpoint file -> (model, Checkpoint or None): a train.py one is its base (`base` or the
+    one it names, checked by fingerprint), peft.prepare, its tensors, then peft.merge if merged."""
     contents = load_state_dict_file(path)
     checkpoint = as_checkpoint(contents, path)
     if checkpoint is None:
-        return finite(load_dit(contents, path, input_size, class_to_superclass, num_heads, weights), path), None
-    if num_heads and num_heads != checkpoint.dit["num_heads"]:
-        raise ValueError(f"{path} records its model's {checkpoint.dit['num_heads']} attention heads, and "
+        model = load_dit(contents, path, input_size, class_to_superclass, num_heads, weights)
+        return finite(model, path), None
+    dit = checkpoint.dit
+    if num_heads and num_heads != dit["num_heads"]:
+        raise ValueError(f"{path} records its model's {dit['num_heads']} attention heads, and "
                          f"{num_heads} were asked for: leave the heads unset for this file")
     if checkpoint.base is None:
-        model = DiT(**checkpoint.dit)
+        model = DiT(**dit)
     else:
-        base = base or checkpoint.base["path"]
+        base, recorded = base or checkpoint.base["path"], checkpoint.base
         if not os.path.isfile(base):
-            raise FileNotFoundError(f"{path} holds only what {checkpoint.method} trained, on top of its base {base}, "
-                                    f"which is not there (moved?): give the base's new path (sample.py --base; "
-                                    f"train.py --resume with --ckpt), it is checked by its fingerprint")
-        model, _ = load_model(base, input_size=checkpoint.dit["input_size"], num_heads=checkpoint.dit["num_heads"])
+            raise FileNotFoundError(f"{path} holds only what {checkpoint.method} trained on its "
+                                    f"base {base}, which is not there (moved?): give its new "
+                                    f"path (sample.py --base; train.py --resume with --ckpt)")
+        model, _ = load_model(base, input_size=dit["input_size"], num_heads=dit["num_heads"])
         sha256 = fingerprint(model.state_dict())
-        if sha256 != checkpoint.base["sha256"] or model.config != checkpoint.dit:
-            raise ValueError(f"{base} is not the base {path} was trained on (that was {checkpoint.base['path']}, "
-                             f"sha256 {checkpoint.base['sha256'][:16]}...; this one has {sha256[:16]}...)")
+        if sha256 != recorded["sha256"] or model.config != dit:
+            raise ValueError(f"{base} is not the base {path} was trained on (that was "
+                             f"{recorded['path']}, sha256 {recorded['sha256'][:16]}...; this one "
+                             f"has {sha256[:16]}...)")
     prepare(model, checkpoint.method, **checkpoint.options)
     tensors, expected = checkpoint.tensors(weights), set(trainable_state_dict(model))
     if set(tensors) != expected:
         raise ValueError(f"{path}: its tensors do not match method {checkpoint.method}: missing "
-                         f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
+                         f"{sorted(expected - set(tensors))[:5]}, unexpected "
+                         f"{sorted(set(tensors) - expected)[:5]}")
     model.load_state_dict(tensors, strict=False)
     return finite(merge(model) if merged else model, path).resize(input_size), checkpoint
 
 
 def finite(model, path):
-    """The model, if its every weight is finite (a checkpoint saved after training diverged is not)."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}, ...): it is "
-                         f"no usable model (saved after its training diverged?); take an earlier checkpoint")
+    """The model, if its every weight is finite (one saved after training diverged is not)."""
+    if bad := [name for name, t in model.state_dict().items()
+               if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({bad[0]}, "
+                         f"...; saved after training diverged?): take an earlier checkpoint")
     return model
 
 
 def read_label_table(path, weights="ema"):
-    """(label table (rows, D), hierarchy dict or None) of any checkpoint file, without building its model."""
+    """(label table (rows, D), hierarchy dict or None) of any checkpoint, without its model."""
     contents = load_state_dict_file(path)
-    checkpoint = as_checkpoint(contents, path)
-    if checkpoint is not None:
-        return checkpoint.tensors(weights)[LABEL_TABLE_KEY].float(), checkpoint.hierarchy
-    state_dict = dit_state_dict(contents, weights)
+    checkpoint, state_dict = as_checkpoint(contents, path), dit_state_dict(contents, weights)
     if not isinstance(state_dict, dict) or LABEL_TABLE_KEY not in state_dict:
-        raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: it is no checkpoint of train.py, no official "
-                         f"FineDiffusion checkpoint and no DiT state dict")
-    return state_dict[LABEL_TABLE_KEY].float(), None
+        raise ValueError(f"{path} holds no {LABEL_TABLE_KEY}: it is no checkpoint of train.py, "
+                         f"no official FineDiffusion checkpoint and no DiT state dict")
+    return state_dict[LABEL_TABLE_KEY].float(), checkpoint and checkpoint.hierarchy
 
 
 def rng_states(world_size):
-    """Every rank's RNG states (CPU and CUDA), gathered so one file can resume all of them exactly."""
-    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    """Every rank's RNG states (CPU and CUDA), gathered so that one file resumes all exactly."""
+    state = dict(cpu=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
     states = [state] * world_size
     if world_size > 1:
         dist.all_gather_object(states, state)
@@ -188,8 +489,7 @@ def rng_states(world_size):
 
 
 def restore_rng(states, rank, world_size, seed):
-    """This rank's saved random streams -> whether the run goes on bit-exactly. On another world size the streams
-    start afresh from `seed` (the run goes on, not bit-exactly)."""
+    """This rank's saved random streams -> whether the run goes on bit-exactly (else `seed`'s)."""
     if len(states) != world_size:
         torch.manual_seed(seed * world_size + rank)
         return False
@@ -199,12 +499,11 @@ def restore_rng(states, rank, world_size, seed):
     return True
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Run folders: the one place that knows their layout
 
 def create_run_folder(results_dir, name):
-    """results_dir/NNN-name, NNN one above the highest number there, made by this process alone: the exclusive mkdir
-    fails when another run took the number first, and the next number is tried."""
+    """results_dir/NNN-name, NNN one above the highest there (exclusive mkdir: none is shared)."""
     os.makedirs(results_dir, exist_ok=True)
     while True:
         taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
@@ -223,7 +522,7 @@ def checkpoint_file(run_dir, step):
 
 
 def saved_checkpoints(run_dir):
-    """A run folder's checkpoint files, the lowest step first ([] where there are none)."""
+    """A run folder's checkpoint files, the lowest step first."""
     return sorted(glob.glob(os.path.join(glob.escape(run_dir), CHECKPOINTS_DIR, "*.pt")))
 
 
@@ -233,67 +532,61 @@ def run_folder(path):
     return os.path.dirname(folder) if os.path.basename(folder) == CHECKPOINTS_DIR else None
 
 
-def named_runs(name, results_dir="results"):
-    """The run folders results_dir/NNN-<name> that hold a checkpoint, newest (highest number) first: a run killed
-    before its first checkpoint is left out (its folder, with what it logged, is kept)."""
-    runs = [e for e in run_names(results_dir) if e.split("-", 1)[1] == name]
-    return [os.path.join(results_dir, e) for e in sorted(runs, key=lambda e: -int(e.split("-", 1)[0]))
-            if saved_checkpoints(os.path.join(results_dir, e))]
-
-
 def run_names(results_dir):
     """The names of the run folders NNN-<name> in results_dir."""
     listed = os.listdir(results_dir) if os.path.isdir(results_dir) else []
     return [e for e in listed if e.split("-", 1)[0].isdigit() and "-" in e]
 
 
+def named_runs(name, results_dir="results"):
+    """The run folders results_dir/NNN-<name> that hold a checkpoint, the highest NNN first."""
+    runs = sorted((e for e in run_names(results_dir) if e.split("-", 1)[1] == name),
+                  key=lambda e: -int(e.split("-", 1)[0]))
+    return [run for e in runs if saved_checkpoints(run := os.path.join(results_dir, e))]
+
+
 def find_checkpoint(path=None, results_dir="results"):
-    """A checkpoint file; or a run folder, or a run's name (the newest results_dir/NNN-<name>) -> its newest
-    checkpoint (the highest step); None -> the checkpoint written last by any run in results_dir."""
+    """A file; a run folder or name (newest NNN-<name>) -> its last checkpoint; None: the newest."""
     if path is None:
-        found = [p for run in glob.glob(os.path.join(glob.escape(results_dir), "*")) for p in saved_checkpoints(run)]
+        found = glob.glob(os.path.join(glob.escape(results_dir), "*", CHECKPOINTS_DIR, "*.pt"))
         if not found:
-            raise FileNotFoundError(f"no checkpoint under {results_dir}/: train one (python toy.py) or give one")
+            raise FileNotFoundError(f"no checkpoint under {results_dir}/: train one (python "
+                                    f"toy.py) or give one")
         return max(found, key=os.path.getmtime)
     if not os.path.exists(path):
-        runs = named_runs(path, results_dir)
-        if not runs:
+        if not (runs := named_runs(path, results_dir)):
             names = sorted({e.split("-", 1)[1] for e in run_names(results_dir)})
             close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
-            raise FileNotFoundError(f"{path}: no checkpoint file, run folder or run name with a checkpoint in "
-                                    f"{results_dir}/" + (f"; did you mean {', '.join(close)}?" if close else
-                                                         f" (its runs: {', '.join(names[:8]) or 'none'})"))
+            hint = (f"; did you mean {', '.join(close)}?" if close
+                    else f" (its runs: {', '.join(names[:8]) or 'none'})")
+            raise FileNotFoundError(f"{path}: no checkpoint file, run folder or run name with a "
+                                    f"checkpoint in {results_dir}/{hint}")
         path = runs[0]
     if not os.path.isdir(path):
         return path
-    saved = saved_checkpoints(path)
-    if not saved:
-        raise FileNotFoundError(f"{path} holds no checkpoint ({CHECKPOINTS_DIR}/*.pt): not a run folder of train.py, "
-                                f"or a run stopped before its first checkpoint")
+    if not (saved := saved_checkpoints(path)):
+        raise FileNotFoundError(f"{path} holds no checkpoint ({CHECKPOINTS_DIR}/*.pt): not a run "
+                                f"folder of train.py, or a run stopped before its first checkpoint")
     return saved[-1]
 
 
 def continued_run(resume):
-    """The run folder a resume from the checkpoint `resume` writes on in: its run's, where it is that run's newest
-    checkpoint; None where the resume branches into a new folder (an earlier or copied checkpoint: no checkpoint is
-    ever overwritten)."""
+    """The run a resume from its newest checkpoint writes on in; None: it branches to a new run."""
     folder = run_folder(resume)
     return folder if folder and os.path.samefile(find_checkpoint(folder), resume) else None
 
 
 def lock_run(folder):
-    """The Lock by which one process at a time writes a run folder (taken: a ValueError naming the process)."""
+    """The Lock by which one process at a time writes a run folder."""
     return Lock(os.path.join(folder, LOCK_FILE), f"the run {folder}")
 
 
 def open_run(results_dir, name, resume=None):
-    """The folder a run writes into, locked by this process, so that no two processes write one run -> its Lock
-    (.path: folder/lock): the run a resume continues (what a killed writer left half-written is removed), or a new
-    results_dir/NNN-<name>."""
+    """The Lock (.path: folder/lock) of the run a resume continues (temporaries removed), or new."""
     folder = continued_run(resume) if resume else None
     if folder:
         lock = lock_run(folder)
-        if continued_run(resume) == folder:  # (still its newest checkpoint, now that no other process writes there)
+        if continued_run(resume) == folder:  # still its newest, now that no one else writes there
             remove_temporaries(os.path.join(glob.escape(folder), CHECKPOINTS_DIR, "*.tmp"))
             return lock
         lock.release()
@@ -301,22 +594,20 @@ def open_run(results_dir, name, resume=None):
 
 
 class RunLog:
-    """Rank 0 writes each message to the terminal and log.txt, and each logged step as a JSON line to metrics.jsonl;
-    other ranks write nothing."""
+    """Rank 0's messages to the terminal and log.txt, its metrics as JSON lines to metrics.jsonl."""
     def __init__(self, run_dir, rank):
-        self.files = [open(os.path.join(run_dir, n), "a") for n in (LOG_FILE, METRICS_FILE)] if rank == 0 else None
+        names = (LOG_FILE, METRICS_FILE) if rank == 0 else ()
+        self.files = [open(os.path.join(run_dir, n), "a") for n in names]
 
     def __call__(self, message, **metrics):
         if self.files:
             tqdm.write(message)  # above a progress bar, if one runs
-            for file, line in zip(self.files, (message, json.dumps(metrics) if metrics else None)):
-                if line is not None:
-                    file.write(line + "\n")
-                    file.flush()
+            for file, line in zip(self.files, [message, json.dumps(metrics)][:1 + bool(metrics)]):
+                print(line, file=file, flush=True)
 
 
 def read_metrics(run):
-    """A run folder -> its logged steps, each {step, loss, steps_per_s, images_per_s, lr, method}."""
+    """A run folder -> its logged steps, {step, loss, steps_per_s, images_per_s, lr, method}."""
     path = os.path.join(run, METRICS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run} is not a train.py run folder: it has no {METRICS_FILE}")

@@ -1,96 +1,59 @@
 """
-The fine-tuning methods compared in the FineDiffusion, DiffFit and DiffScaler papers, on a pre-trained DiT.
-
-    full           every parameter trains
-    bitfit         biases + the label table                          (Ben Zaken et al. 2021)
-    difffit        bitfit + norms + scale factors gamma (init 1.0)   (DiffFit, Xie et al. 2023, Table 4 row 8)
-    finediffusion  TieredEmbedder + biases + LayerNorm scale/offset  (FineDiffusion, Pan et al. 2024)
-    lora           low-rank B A on the attention projections         (Hu et al. 2021)
-    diffscaler     the Affiner on attention, MLP and adaLN linears   (DiffScaler, Nair et al. 2024, Eq. 5)
-
-METHODS, first below, is the table: one entry per method says how its label table is laid out, what it adds to the
-DiT, which parameters train (a rule on their names) and at what learning rate. `prepare(model, method,
-class_to_superclass)` applies an entry. What a method adds lives in small nn.Linear subclasses that keep the
-official key names (`blocks.3.attn.qkv.weight` stays) and fold back into plain linears with `merge(model)`.
+The fine-tuning methods of the FineDiffusion paper on a pre-trained DiT: full, BitFit, DiffFit,
+FineDiffusion, LoRA and DiffScaler. METHODS is the table (label table, what a method adds, what
+trains, lr); `prepare` applies an entry, keeping the official key names (`blocks.3.attn.qkv.weight`
+stays); `merge(model)` folds what a method added into plain linears.
 """
 import dataclasses
 import math
+import re
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DiT, TieredEmbedder
+from model import DiT, TieredEmbedder, superclass_count
 
 DIFFFIT_BLOCKS = 14  # DiffFit Table 4b: gammas in blocks 1..14 of DiT-XL/2's 28
 
-# -----------------------------------------------------------------------------------------------------------
-# The methods, one entry each. A parameter's name decides whether it trains: the added parameters are named for
-# their method (gamma, lora_A, ...), and every method learns the new classes' label rows (y_embedder.*). What a
-# method adds to the DiT is written out below the table.
+# --------------------------------------------------------------------------------------------------
+# The methods: each learns the new label rows (y_embedder.*); what it adds is defined below
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    summary: str  # what trains
     lr: float  # the suggested learning rate
-    trains: Callable[[str], bool]  # the method's rule: does the parameter of this name train?
-    adds: Callable = None  # adds(model, **options): what the method adds to a DiT
-    options: dict = dataclasses.field(default_factory=dict)  # the method's own options, with their defaults
-    tiered: bool = False  # label table [fine | superclass] (FineDiffusion, no null row), else [fine | null]
-    label_init: str = "normal"  # new rows N(0, 0.02) as the official FineDiffusion; "null": the pretrained null row
+    trains: tuple  # the method's rule: a parameter trains if its name fullmatches one of these
+    adds: Callable = lambda model: None  # adds(model, **options): what the method adds to a DiT
+    options: dict = dataclasses.field(default_factory=dict)  # the method's own options, defaults
+    tiered: bool = False  # label table [fine | superclass] (no null row), else [fine | null]
+    label_init: str = "normal"  # new rows N(0, 0.02), as FineDiffusion; "null": the base's null row
     delta: bool = True  # it freezes part of the base, so its checkpoints hold only what trained
 
 
-def leaf(name):
-    return name.rsplit(".", 1)[-1]
-
-
-def is_label_row(name):
-    return name.startswith("y_embedder.")
-
-
-def is_bias(name):
-    return leaf(name) == "bias"
-
-
-def is_norm(name):
-    return ".norm" in name  # LayerNorm scale/offset, where the model has them (DiT's own LayerNorms have none)
-
-
-AFFINER_PARAMETERS = ("affine_scale", "affine_shift", "adapter_scale", "down", "up")
-# FineDiffusion trains at the pre-training lr; DiffFit (Table 4d) finds 10x best for parameter-efficient methods.
+LABELS, BIASES = r"y_embedder\..*", r".*\.bias"
+NORMS = r"(blocks\.\d+\.norm[12]|final_layer\.norm_final)\.(weight|bias)"  # LayerNorm scale, offset
+# FineDiffusion trains at the pre-training lr; DiffFit (Table 4d) finds 10x best for the others.
 METHODS = {
-    "full": Method(
-        "everything", 1e-4, delta=False,
-        trains=lambda name: True),
-    "bitfit": Method(
-        "every bias + the label table", 1e-3,
-        trains=lambda name: is_label_row(name) or is_bias(name)),
-    "difffit": Method(
-        "bitfit + norms + gammas (init 1) on attention/MLP branches of blocks 1..14, every QKV, the final layer", 1e-3,
-        adds=lambda model: add_difffit_gammas(model),
-        trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name) or leaf(name) == "gamma"),
-    "finediffusion": Method(  # FineDiffusion Sec. 3.2.1: TieredEmbedder, biases, norms
-        "TieredEmbedder (fine + superclass rows) + every bias + LayerNorm scale/offset (added, identity)", 1e-4,
-        tiered=True, adds=lambda model: add_norm_affine(model),
-        trains=lambda name: is_label_row(name) or is_bias(name) or is_norm(name)),
-    "lora": Method(
-        "rank-r B·A on attention qkv and proj (B = 0) + the label table", 1e-3, options=dict(lora_rank=8),
-        adds=lambda model, lora_rank: add_lora(model, lora_rank),
-        trains=lambda name: is_label_row(name) or leaf(name).startswith("lora_")),
-    "diffscaler": Method(
-        "Affiner (1+a)Wx + s·W_up relu(W_down x) + b_hat + b on qkv, proj, fc1, fc2 and adaLN linears; new rows = "
-        "the null embedding", 1e-3, options=dict(affiner_rank=64), label_init="null",
+    "full": Method(1e-4, delta=False, trains=(r"(?!pos_embed$).*",)),  # all but the positions
+    "bitfit": Method(1e-3, trains=(LABELS, BIASES)),  # Ben Zaken et al. 2021
+    "difffit": Method(  # Xie et al. 2023, Table 4 row 8 (DiT's LayerNorms have nothing to train)
+        1e-3, adds=lambda model: add_difffit_gammas(model), trains=(LABELS, BIASES, r".*\.gamma")),
+    "finediffusion": Method(  # Pan et al. 2024, Sec. 3.2.1: TieredEmbedder, biases, LayerNorms
+        1e-4, tiered=True, adds=lambda model: add_norm_affine(model),
+        trains=(LABELS, BIASES, NORMS)),
+    "lora": Method(  # Hu et al. 2021
+        1e-3, options=dict(lora_rank=8), adds=lambda model, lora_rank: add_lora(model, lora_rank),
+        trains=(LABELS, r".*\.lora_[AB]")),
+    "diffscaler": Method(  # Nair et al. 2024; new rows: the base's null row (Sec. 3.1)
+        1e-3, options=dict(affiner_rank=64), label_init="null",
         adds=lambda model, affiner_rank: add_affiners(model, affiner_rank),
-        trains=lambda name: is_label_row(name) or leaf(name) in AFFINER_PARAMETERS),
+        trains=(LABELS, r".*\.(affine_scale|affine_shift|adapter_scale|down|up)")),
 }
-FIXED = ("pos_embed",)  # a fixed function of the grid: no method trains it
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Linear layers with a method's extra parameters. Each keeps the pretrained `weight` and `bias` under their
-# own names and can fold its extras back into a plain nn.Linear.
+# --------------------------------------------------------------------------------------------------
+# Linear layers with a method's extras: `weight` and `bias` keep their names; merged() folds them
 
 class AdaptedLinear(nn.Linear):
     """A pretrained nn.Linear (same weight and bias tensors, same keys) that a method extends."""
@@ -100,11 +63,10 @@ class AdaptedLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
 
     def merged(self):
-        """A plain nn.Linear computing the same function (exactly, up to float rounding)."""
+        """A plain nn.Linear computing the same function (up to float rounding)."""
+        linear = nn.Linear(self.in_features, self.out_features, device="meta")
         weight, bias = self.merged_weight_and_bias()
-        linear = nn.Linear(self.in_features, self.out_features, device=weight.device, dtype=weight.dtype)
-        linear.weight.data.copy_(weight)
-        linear.bias.data.copy_(bias)
+        linear.weight, linear.bias = nn.Parameter(weight.detach()), nn.Parameter(bias.detach())
         return linear
 
 
@@ -122,7 +84,7 @@ class ScaledLinear(AdaptedLinear):
 
 
 class LoRALinear(AdaptedLinear):
-    """LoRA: y = W x + b + B A x (alpha = r), B zero-initialized so training starts at the pretrained model."""
+    """LoRA: y = W x + b + B A x (alpha = r); B starts at 0, so training starts at the base."""
     def __init__(self, linear, rank):
         super().__init__(linear)
         self.lora_A = nn.Parameter(linear.weight.new_empty(rank, self.in_features))
@@ -137,22 +99,20 @@ class LoRALinear(AdaptedLinear):
 
 
 class Affiner(AdaptedLinear):
-    """
-    DiffScaler's Affiner (Eq. 5): y = (1 + a) W x + s W_up ReLU(W_down x) + b_hat + b, with a, b per output
-    unit starting at 0 (the layer is unchanged), the scalar s starting at 0 and W_down, W_up Kaiming-normal.
-    The ReLU branch is not linear, so merging folds a and b into W and b_hat and keeps the small branch.
-    """
+    """DiffScaler's Affiner (Eq. 5): y = (1 + a) W x + s W_up ReLU(W_down x) + b_hat + b; a, b, s
+    start at 0 (the layer unchanged). The ReLU branch is not linear, so merging keeps it."""
     def __init__(self, linear, rank):
         super().__init__(linear)
         self.affine_scale = nn.Parameter(torch.zeros_like(linear.bias))  # a
-        self.affine_shift = nn.Parameter(torch.zeros_like(linear.bias))  # b (b_hat is the frozen bias)
+        self.affine_shift = nn.Parameter(torch.zeros_like(linear.bias))  # b; b_hat: the frozen bias
         self.adapter_scale = nn.Parameter(linear.bias.new_zeros(()))  # s
-        self.down = nn.Parameter(nn.init.kaiming_normal_(linear.weight.new_empty(rank, self.in_features)))
-        self.up = nn.Parameter(nn.init.kaiming_normal_(linear.weight.new_empty(self.out_features, rank)))
+        new = linear.weight.new_empty
+        self.down = nn.Parameter(nn.init.kaiming_normal_(new(rank, self.in_features)))
+        self.up = nn.Parameter(nn.init.kaiming_normal_(new(self.out_features, rank)))
 
     def forward(self, x):
-        y = (1 + self.affine_scale) * F.linear(x, self.weight) + self.bias + self.affine_shift  # DiffScaler Eq. 3
-        return y + self.adapter_scale * F.linear(F.relu(F.linear(x, self.down)), self.up)  # DiffScaler Eq. 4
+        y = (1 + self.affine_scale) * F.linear(x, self.weight) + self.bias + self.affine_shift
+        return y + self.adapter_scale * F.linear(F.relu(F.linear(x, self.down)), self.up)  # Eq. 3-4
 
     def merged(self):
         merged = Affiner(super().merged(), self.down.shape[0])
@@ -163,33 +123,32 @@ class Affiner(AdaptedLinear):
         return (1 + self.affine_scale)[:, None] * self.weight, self.bias + self.affine_shift
 
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What each method adds to a DiT
 
 def add_norm_affine(model):
-    """FineDiffusion: DiT's affine-free LayerNorms get a scale (1) and offset (0), the identity: outputs unchanged."""
+    """FineDiffusion: DiT's affine-free LayerNorms get scale 1 and offset 0 (outputs unchanged)."""
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and module.weight is None:
-            ref = model.pos_embed
-            module.weight = nn.Parameter(ref.new_ones(module.normalized_shape))
-            module.bias = nn.Parameter(ref.new_zeros(module.normalized_shape))
+            module.weight = nn.Parameter(model.pos_embed.new_ones(module.normalized_shape))
+            module.bias = nn.Parameter(model.pos_embed.new_zeros(module.normalized_shape))
             module.elementwise_affine = True
 
 
 def adapt_linears(model, names, wrap):
     """Replace the nn.Linear at each dotted `name` by wrap(linear)."""
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, wrap(getattr(parent, child)))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrap(model.get_submodule(name)))
 
 
 def add_difffit_gammas(model):
-    """DiffFit Table 4c row 8: gammas on the attention and MLP branches of blocks 1..14, every QKV, the final layer."""
+    """DiffFit Table 4c row 8: gammas on blocks 1..14's attention, MLP, every QKV, final layer."""
     depth = len(model.blocks)
-    branches = [f"blocks.{i}.{n}" for i in range(min(DIFFFIT_BLOCKS, depth)) for n in ("attn.proj", "mlp.fc2")]
-    qkv = [f"blocks.{i}.attn.qkv" for i in range(depth)]
-    adapt_linears(model, branches + qkv + ["final_layer.linear"], ScaledLinear)
+    names = [f"blocks.{i}.{n}" for i in range(min(DIFFFIT_BLOCKS, depth))
+             for n in ("attn.proj", "mlp.fc2")]
+    names += [f"blocks.{i}.attn.qkv" for i in range(depth)] + ["final_layer.linear"]
+    adapt_linears(model, names, ScaledLinear)
 
 
 def add_lora(model, lora_rank):
@@ -202,84 +161,70 @@ def add_affiners(model, affiner_rank):
     """DiffScaler 4.3: an Affiner on every attention and MLP linear, and on the adaLN layers."""
     names = [f"blocks.{i}.{n}" for i in range(len(model.blocks))
              for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")]
-    adapt_linears(model, names + ["final_layer.adaLN_modulation.1"], lambda linear: Affiner(linear, affiner_rank))
-
-
-def replace_label_table(model, class_to_superclass, num_superclasses, null_row, init="normal", p_parent=0.1):
-    """
-    New label rows for the target classes (the ImageNet rows do not transfer). init "normal": N(0, 0.02) as the
-    official FineDiffusion code; "null": every new row a copy of the pretrained null embedding (DiffScaler 3.1).
-    A new null row always starts as the pretrained one, so unconditional predictions are kept.
-    """
-    old = model.y_embedder
-    table = old.embedding_table.weight
-    new = TieredEmbedder(len(class_to_superclass), table.shape[1], p_parent, class_to_superclass, num_superclasses,
-                         null_row)
-    new = new.to(device=table.device, dtype=table.dtype)
-    with torch.no_grad():
-        if init == "null":
-            new.embedding_table.weight.copy_(table[old.null_index].expand_as(new.embedding_table.weight))
-        else:
-            nn.init.normal_(new.embedding_table.weight, std=0.02)
-        if null_row:
-            new.embedding_table.weight[new.null_index] = table[old.null_index]
-    model.y_embedder = new
+    names.append("final_layer.adaLN_modulation.1")
+    adapt_linears(model, names, lambda linear: Affiner(linear, affiner_rank))
 
 
 def base_problem(model, method, **options):
-    """Why `method` with its `options` cannot fine-tune this base, or None: a rank must fit the model's width, and a
-    null row of the new table (every method but FineDiffusion's) starts as the base's, which a tiered table has not."""
+    """Why `method` with `options` cannot fine-tune this base, or None (ranks, null row)."""
     spec = METHODS[method]
-    if too_large := [f"{name} {value}" for name, value in options.items() if value > model.hidden_size]:
+    too_large = [f"{name} {value}" for name, value in options.items() if value > model.hidden_size]
+    if too_large:
         return f"{', '.join(too_large)}: a rank is at most the model's width, {model.hidden_size}"
     if (not spec.tiered or spec.label_init == "null") and model.y_embedder.null_index is None:
-        return (f"{method} starts its null label row from the base's, and this base has none: its table is a tiered "
-                f"one (fine + superclass rows, as FineDiffusion trains). Fine-tune a base with a null row, such as an "
-                f"ImageNet DiT, or fine-tune it with finediffusion")
+        return (f"{method} starts its null label row from the base's, and this base's table is "
+                f"tiered (no null row): fine-tune an ImageNet DiT, or this one with finediffusion")
     return None
 
 
 def prepare(model, method, class_to_superclass, num_superclasses=None, p_parent=0.1, **options):
-    """
-    Turn a pre-trained DiT (weights loaded) into `method`'s trainable model for the target classes: the superclass
-    (0..S-1) of every fine class, S = num_superclasses (default: the largest id + 1). FineDiffusion's table adds a
-    row per superclass (the parents of Eq. 1) and, like the official code, no null row; the other methods keep a
-    null row for ordinary classifier-free guidance. `options`: the method's own (METHODS[method].options).
-    """
+    """A pre-trained DiT made `method`'s trainable model for the classes of class_to_superclass."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
-    unknown = set(options) - set(spec.options)
-    if unknown:
-        raise ValueError(f"{method} has no option {sorted(unknown)}; its options: {spec.options or 'none'}")
+    if unknown := set(options) - set(spec.options):
+        raise ValueError(f"{method} has no option {sorted(unknown)}; its options: "
+                         f"{spec.options or 'none'}")
     if num_superclasses is None:
-        num_superclasses = max(class_to_superclass, default=-1) + 1
+        num_superclasses = superclass_count(class_to_superclass)
     if spec.tiered and not num_superclasses:
         raise ValueError(f"{method} needs the class hierarchy (the superclass of every fine class)")
     if problem := base_problem(model, method):
         raise ValueError(problem)
-    replace_label_table(model, class_to_superclass, num_superclasses if spec.tiered else 0, null_row=not spec.tiered,
-                        init=spec.label_init, p_parent=p_parent)
-    if spec.adds is not None:
-        spec.adds(model, **{**spec.options, **options})
+    # New label rows: N(0, 0.02) or the base's null row; a new null row is the base's (unguided
+    # predictions kept). A tiered table has a row per superclass (Eq. 1's parents), no null row.
+    old = model.y_embedder.embedding_table.weight
+    new = TieredEmbedder(len(class_to_superclass), old.shape[1], p_parent, class_to_superclass,
+                         num_superclasses if spec.tiered else 0, not spec.tiered).to(old)
+    rows, null = new.embedding_table.weight, old[model.y_embedder.null_index]
+    with torch.no_grad():
+        if spec.label_init == "null":
+            rows.copy_(null.expand_as(rows))
+        else:
+            nn.init.normal_(rows, std=0.02)
+        if not spec.tiered:
+            rows[new.null_index] = null
+    model.y_embedder = new
+    spec.adds(model, **{**spec.options, **options})
     for name, param in model.named_parameters():
-        param.requires_grad_(name not in FIXED and spec.trains(name))
+        param.requires_grad_(any(re.fullmatch(rule, name) for rule in spec.trains))
     return model
 
 
 def merge(model):
-    """Fold every method's extra parameters into plain linears: a fine-tuned model that samples as fast as DiT."""
+    """Fold every method's extras into plain linears: a fine-tuned model as fast as DiT."""
     adapted = [name for name, module in model.named_modules() if isinstance(module, AdaptedLinear)]
     adapt_linears(model, adapted, lambda linear: linear.merged())
     return model
 
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parameter accounting
 
 def count_parameters(model):
-    """(total, trainable); the total counts the fixed positional embedding, as the official code does."""
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(total, trainable); the total counts the fixed positions, as the official code does."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def trainable_state_dict(model):
@@ -289,13 +234,11 @@ def trainable_state_dict(model):
 
 
 def parameter_table(dit_config, class_to_superclass, options=None):
-    """Rows of (method, total, trainable, percent, delta MiB at fp32) for every method, built on `meta`; `options`:
-    {method: prepare()'s keyword arguments} where a run used its own (a LoRA rank, ...)."""
-    rows = []
+    """(method, total, trainable, percent, delta MiB at fp32) per method, built on `meta`;
+    `options`: {method: prepare()'s keyword arguments} where a run used its own (a LoRA rank)."""
     for method in METHODS:
+        kwargs = (options or {}).get(method, dict(class_to_superclass=class_to_superclass))
         with torch.device("meta"):
-            model = prepare(DiT(**dit_config), method,
-                            **(options or {}).get(method, dict(class_to_superclass=class_to_superclass)))
+            model = prepare(DiT(**dit_config), method, **kwargs)
         total, trainable = count_parameters(model)
-        rows.append((method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20))
-    return rows
+        yield method, total, trainable, 100 * trainable / total, trainable * 4 / 2**20

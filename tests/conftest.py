@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 
-from model import SAFETENSORS_DTYPES, DiT, load_dit_weights  # noqa: E402  (after the path is set)
+from checkpoint import SAFETENSORS_DTYPES, load_dit_weights  # noqa: E402
+from model import DiT  # noqa: E402  (after the path is set)
 
 
 def fixture(name):
@@ -108,13 +109,13 @@ def write_tiny_vae(folder):
     return str(folder)
 
 
-HOLD_LOCK = "import sys, time; from data import Lock; lock = Lock(sys.argv[1], 'x'); print('held', flush=True); " \
+HOLD_LOCK = "import sys, time; from checkpoint import Lock; lock = Lock(sys.argv[1], 'x'); print('held', flush=True); " \
             "time.sleep(300)"
 
 
 @contextlib.contextmanager
 def lock_held_elsewhere(path):
-    """Another process holding data.Lock(path) while the block runs (then killed, as a crashed writer is) -> its pid."""
+    """Another process holding checkpoint.Lock(path) while the block runs (then killed, as a crashed writer is) -> its pid."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"

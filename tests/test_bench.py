@@ -74,7 +74,7 @@ def test_peak_memory_where_the_platform_can_tell(monkeypatch):
     resource = type("Resource", (), {"RUSAGE_SELF": 0, "getrusage": staticmethod(lambda who: usage)})
     monkeypatch.setitem(sys.modules, "resource", resource)
     for platform, peak in (("linux", 1000 * 1024), ("darwin", 1000)):
-        monkeypatch.setattr(bench.sys, "platform", platform)
+        monkeypatch.setattr(sys, "platform", platform)
         assert bench.peak_memory(torch.device("cpu")) == peak
     monkeypatch.setitem(sys.modules, "resource", None)  # import resource raises ImportError
     assert math.isnan(bench.peak_memory(torch.device("cpu")))

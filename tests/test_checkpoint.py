@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from checkpoint import (Checkpoint, checkpoint_file, create_run_folder, find_checkpoint, load_model, named_runs,
-                        open_run, read_checkpoint, run_folder, save_checkpoint, saved_checkpoints)
+from checkpoint import (LOCK_FILE, Checkpoint, checkpoint_file, create_run_folder, find_checkpoint,
+                        fingerprint, load_model, named_runs, open_run, read_checkpoint, run_folder,
+                        save_checkpoint, saved_checkpoints)
 from conftest import dit_from_fixture, fixture, lock_held_elsewhere
-from data import LOCK_FILE, fingerprint
 from peft import prepare, trainable_state_dict
 
 PARENTS = [0, 0, 1, 1, 1, 2]  # target set: 6 fine classes in 3 superclasses
@@ -118,9 +118,8 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
     save_checkpoint(str(tmp_path / "0000001.pt"), checkpoint)
     before = (tmp_path / "0000001.pt").read_bytes()
 
-    def short_write(contents, path):
-        with open(path, "wb") as out:
-            out.write(b"PK" + bytes(100))
+    def short_write(contents, out):
+        out.write(b"PK" + bytes(100))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", short_write)
     with pytest.raises(OSError, match=r"could not write .*0000002.pt \(\[enforce fail.*it needs about .* MiB and its "

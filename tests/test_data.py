@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data
+from checkpoint import LOCK_FILE, load_vae_state_dict
 from conftest import fixture, lock_held_elsewhere, rel_err
-
-from model import AutoencoderKL, load_vae_state_dict
+from model import AutoencoderKL
 
 
 def write_image(path, rng, size=(12, 10)):
@@ -439,10 +439,10 @@ def test_a_cache_or_toy_set_being_written_is_refused_to_a_second_writer(tmp_path
     write_tree_with_bad_images(tmp_path / "images")
     dataset, _ = data.load_dataset("folder", str(tmp_path / "images"), 16)
     (tmp_path / "cache").mkdir()
-    with lock_held_elsewhere(tmp_path / "cache" / data.LOCK_FILE) as pid:
+    with lock_held_elsewhere(tmp_path / "cache" / LOCK_FILE) as pid:
         with pytest.raises(ValueError, match=f"the latent cache .* is in use by process {pid} on "):
             data.build_latent_cache(dataset, vae, str(tmp_path / "cache"), num_workers=0)
-        assert os.listdir(tmp_path / "cache") == [data.LOCK_FILE]
+        assert os.listdir(tmp_path / "cache") == [LOCK_FILE]
     assert data.build_latent_cache(dataset, vae, str(tmp_path / "cache"), num_workers=0).meta["complete"]
     assert sorted(os.listdir(tmp_path / "cache")) == ["labels.npy", "latents.npy", "meta.json"]  # the lock: gone
     (tmp_path / "toy").mkdir()

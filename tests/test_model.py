@@ -3,9 +3,10 @@ DiT of any shape from what its file holds."""
 import pytest
 import torch
 
+from checkpoint import describe_dit, dit_name, load_dit, load_dit_weights, read_dit_shape
 from conftest import dit_from_fixture, fixture, rel_err, write_safetensors
 from diffusion import guided, sample
-from model import DIT_CONFIGS, DiT, describe_dit, dit_name, load_dit, load_dit_weights, read_dit_shape
+from model import DIT_CONFIGS, DiT
 
 
 def test_dit_forward_matches_official():

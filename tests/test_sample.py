@@ -17,7 +17,7 @@ from conftest import ROOT, fixture, write_tiny_vae
 import data
 from data import Hierarchy
 from model import DIT_CONFIGS, DiT
-from model import LABEL_TABLE_KEY
+from checkpoint import LABEL_TABLE_KEY
 
 
 def run(ckpt, tmp_path, *extra):

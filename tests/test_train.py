@@ -389,12 +389,11 @@ def test_a_full_disk_mid_run_loses_nothing(toy_runs, tmp_path, monkeypatch):
     from step 2 reaches the uninterrupted run's step-4 weights bit for bit."""
     real_save = torch.save
 
-    def full_disk_at_step_4(contents, path):
-        if str(path).endswith("0000004.pt.tmp"):
-            with open(path, "wb") as out:
-                out.write(bytes(1000))
+    def full_disk_at_step_4(contents, f):  # f: the open temporary (checkpoint.write_atomically)
+        if f.name.endswith("0000004.pt.tmp"):
+            f.write(bytes(1000))
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 0")
-        return real_save(contents, path)
+        return real_save(contents, f)
     monkeypatch.setattr(torch, "save", full_disk_at_step_4)
     with pytest.raises(OSError, match="could not write .*0000004.pt .* earlier checkpoints are untouched"):
         train.main(toy_args(toy_runs, tmp_path, "--max-steps", "4", "--ckpt-every", "2"))

@@ -5,8 +5,9 @@ import struct
 import pytest
 import torch
 
+from checkpoint import load_state_dict_file, load_vae, load_vae_state_dict, read_safetensors
 from conftest import fixture, rel_err, write_safetensors
-from model import AutoencoderKL, load_state_dict_file, load_vae, load_vae_state_dict, read_safetensors
+from model import AutoencoderKL
 
 
 @pytest.fixture(scope="module")

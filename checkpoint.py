@@ -58,7 +58,8 @@ def write_atomically(path, write, size=None):
             os.remove(tmp)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
         needs = f"it needs about {size / 2**20:,.0f} MiB and " if size is not None else ""
-        raise OSError(f"could not write {path} ({str(error).splitlines()[0]}): {needs}its disk "
+        why = (str(error).splitlines() or [type(error).__name__])[0]
+        raise OSError(f"could not write {path} ({why}): {needs}its disk "
                       f"has {free:,.0f} MiB free. Nothing was left half-written") from None
     os.replace(tmp, path)
 

@@ -613,7 +613,8 @@ def load_judge(path):
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable judge file ({str(e).splitlines()[0][:120]}): "
+        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path} is not a readable judge file ({why}): "
                          f"{make}") from None
     if not isinstance(contents, dict) or contents.get("format") != JUDGE_FORMAT:
         raise ValueError(f"{path} is no judge file of this version (format {JUDGE_FORMAT}): {make}")

@@ -116,6 +116,8 @@ def train_step_worker(args, method, queue):
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
     diffusion = create_diffusion("")
     step = lambda: train_step(model, diffusion, opt, scaler, x, y, precision)  # train.py's own
+    if CUDA:  # the steps' peak, not the building's
+        torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, args.steps, desc=f"{method}: training steps")
     queue.put((seconds, peak_memory(DEVICE) / 2**30))
 

@@ -54,8 +54,7 @@ def write_atomically(path, write, size=None):
         with open(tmp, "wb") as f:
             write(f)
     except (OSError, RuntimeError) as error:  # torch reports a short write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_temporaries(glob.escape(tmp))
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
         needs = f"it needs about {size / 2**20:,.0f} MiB and " if size is not None else ""
         why = (str(error).splitlines() or [type(error).__name__])[0]
@@ -145,8 +144,7 @@ def read_safetensors(path):
     bad = f"{path} is not a valid .safetensors file:"
     header_size = int.from_bytes(blob[:8], "little")
     if len(blob) < 8 or 8 + header_size > len(blob):
-        raise ValueError(f"{bad} {len(blob)} bytes hold no 8-byte header size and the header it "
-                         f"gives (truncated?)")
+        raise ValueError(f"{bad} {len(blob)} bytes: no 8-byte header size and header (truncated?)")
     try:
         header = json.loads(blob[8:8 + header_size].decode("utf-8"))
     except ValueError as e:  # not UTF-8, or not JSON
@@ -167,13 +165,12 @@ def read_safetensors(path):
         if not begin <= end <= len(data):
             raise ValueError(f"{bad} {name!r} has data_offsets [{begin}, {end}] outside the "
                              f"{len(data)} data bytes (truncated?)")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes:
-            raise ValueError(f"{bad} {name!r} has {end - begin} bytes but shape {shape} of "
-                             f"{info['dtype']} needs {nbytes}")
+        size = math.prod(shape) * dtype.itemsize
+        if end - begin != size:
+            raise ValueError(f"{bad} {name!r} has {end - begin} bytes, not {size} (shape {shape})")
         # bytearray: a fresh, aligned, writable copy for the tensor to own
         tensors[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-                         if nbytes else torch.empty(shape, dtype=dtype))
+                         if size else torch.empty(shape, dtype=dtype))
     spans = sorted((*info["data_offsets"], name) for name, info in header.items())
     for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
@@ -190,8 +187,7 @@ def load_state_dict_file(path, where_to_get=""):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, or a pickle that would run code
-        why = str(e).strip()
-        reason = type(e).__name__ + (f": {why.splitlines()[0]}" if why else "")
+        reason = ": ".join([type(e).__name__, *str(e).strip().splitlines()[:1]])
         raise ValueError(f"{path} cannot be read as a checkpoint ({reason[:200]}). "
                          f"{where_to_get}".strip()) from None
 
@@ -390,11 +386,10 @@ def save_checkpoint(path, checkpoint):
 
 def nbytes(contents):
     """The bytes of every tensor in nested dicts and lists."""
-    if isinstance(contents, dict):
-        contents = list(contents.values())
-    if isinstance(contents, (list, tuple)):
-        return sum(map(nbytes, contents))
-    return contents.numel() * contents.element_size() if torch.is_tensor(contents) else 0
+    if torch.is_tensor(contents):
+        return contents.numel() * contents.element_size()
+    values = contents.values() if isinstance(contents, dict) else contents
+    return sum(map(nbytes, values)) if isinstance(contents, (dict, list, tuple)) else 0
 
 
 def as_checkpoint(contents, source):
@@ -427,9 +422,7 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
                weights="ema", merged=True):
     """Any checkpoint file -> (model, Checkpoint or None): a train.py one is its base (`base` or the
     one it names, checked by fingerprint), peft.prepare, its tensors, then peft.merge if merged."""
-    contents = load_state_dict_file(path)
-    checkpoint = as_checkpoint(contents, path)
-    if checkpoint is None:
+    if (checkpoint := as_checkpoint(contents := load_state_dict_file(path), path)) is None:
         model = load_dit(contents, path, input_size, class_to_superclass, num_heads, weights)
         return finite(model, path), None
     dit = checkpoint.dit

@@ -1,5 +1,4 @@
-"""What every script shares: --help with defaults, numbers in range, outputs never overwritten,
-`run(main)`: a user's mistake said in one line (once under torchrun)."""
+"""What every script shares: --help with defaults, checked numbers, new files, one-line errors."""
 import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: quiet (`run` undoes it)
 
@@ -33,8 +32,7 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
-def flag(name):
-    """An argparse destination as the command line spells it: lora_rank -> --lora-rank."""
+def flag(name):  # an argparse destination as the command line spells it: lora_rank -> --lora-rank
     return "--" + name.replace("_", "-")
 
 
@@ -92,12 +90,11 @@ def writable_folder(path, flag):
 
 def duration(seconds):
     """Seconds as a person says them: '40 s', '7 min', '5 h 12 min', '1 day 3 h', '3 days 4 h'."""
-    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
-    if hours < 1:
-        return f"{seconds:.0f} s" if seconds < 60 else f"{minutes:.0f} min"
-    if days < 1:
-        return f"{int(hours)} h {int(minutes % 60)} min"
-    return f"{int(days)} day{'s' if days >= 2 else ''} {int(hours % 24)} h"
+    if seconds < 3600:
+        return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+    hours, days = seconds / 3600, seconds / 86400
+    return (f"{int(hours)} h {int(seconds / 60 % 60)} min" if days < 1 else
+            f"{int(days)} day{'s' if days >= 2 else ''} {int(hours % 24)} h")
 
 
 class StopRequest:
@@ -113,13 +110,11 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def is_rank_zero():
-    """Whether this process speaks for the run: rank 0 (RANK is set before any process group)."""
-    return os.environ.get("RANK", "0") == "0"
+def is_rank_zero():  # whether this process speaks for the run
+    return os.environ.get("RANK", "0") == "0"  # RANK is set before any process group
 
 
-def distributed():
-    """Whether a process group (torchrun's) joins this process to others."""
+def distributed():  # whether a process group (torchrun's) joins this process to others
     return dist.is_available() and dist.is_initialized()
 
 
@@ -135,13 +130,11 @@ def init_distributed():
     return rank, world_size, device
 
 
-def max_rss_bytes(ru_maxrss):
-    """getrusage's ru_maxrss in bytes: it counts KiB on Linux, bytes on macOS."""
+def max_rss_bytes(ru_maxrss):  # getrusage's ru_maxrss in bytes: KiB on Linux, bytes on macOS
     return ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def shared(value):
-    """Rank 0's value, on every rank."""
+def shared(value):  # rank 0's value, on every rank
     if distributed():
         dist.broadcast_object_list(box := [value])
         value = box[0]

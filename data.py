@@ -111,8 +111,7 @@ class Hierarchy:
         text, count = str(query).strip(), len(self.class_names)
         if re.fullmatch(r"-?\d+", text):
             if not 0 <= int(text) < count:
-                raise ValueError(f"class id {int(text)} is out of range: valid ids are "
-                                 f"0..{count - 1}")
+                raise ValueError(f"class id {int(text)} out of range: valid ids are 0..{count - 1}")
             return int(text)
         key = name_key(text)
         ids = self._index.get(key, [])
@@ -474,7 +473,7 @@ def load_vegfru(root, split, image_size, hflip=True):
 # The toy sets, drawn from a seed: superclasses differ at a glance (shape, colour, background),
 # fine classes subtly (hue shift, stripes, corner marks). 'source' plays ImageNet; 'target' has new
 # fine classes in the source's superclasses and in one new superclass.
-#   toy   16 source and 10 target classes, two ranks: the quick first run (toy.py, at 16 px)
+#   toy   12 source and 10 target classes, two ranks: the quick first run (toy.py, at 16 px)
 #   taxa  superclass / genus (stripes) / species (hue shift, marks), 96 source and 120 target
 #         species; a target species combines attributes the source shows, never in its combination
 
@@ -498,16 +497,13 @@ def toy_classes(kind, split):
     if kind == "toy":
         return [((TOY_SUPERCLASSES[s][0], f"{TOY_SUPERCLASSES[s][1]}_{'abcdef'[v]}"), s,
                  TOY_VARIANTS[v]) for s, v in TOY_SPLITS[split]]
-    classes = []
-    for s in range(4 if split == "source" else 5):
-        superclass, shape = TOY_SUPERCLASSES[s][:2]
-        for stripes, genus in enumerate(TAXA_STRIPES):
-            for m, (mark, corners) in enumerate(TAXA_MARKS.items()):
-                for h, hue_shift in enumerate(TAXA_HUE_SHIFTS):
-                    if (m + h + stripes) % 2 == (split == "target"):  # complementary combinations
-                        path = (superclass, f"{shape}-{genus}", f"{shape}-{genus}-{mark}-hue{h}")
-                        classes.append((path, s, (hue_shift, stripes, corners)))
-    return classes
+    return [((superclass, f"{shape}-{genus}", f"{shape}-{genus}-{mark}-hue{h}"), s,
+             (hue_shift, stripes, corners))
+            for s, (superclass, shape, *_) in enumerate(TOY_SUPERCLASSES[:5 - (split == "source")])
+            for stripes, genus in enumerate(TAXA_STRIPES)
+            for m, (mark, corners) in enumerate(TAXA_MARKS.items())
+            for h, hue_shift in enumerate(TAXA_HUE_SHIFTS)
+            if (m + h + stripes) % 2 == (split == "target")]  # complementary combinations
 
 
 def toy_superclass_color(name):

@@ -41,14 +41,14 @@ LPIPS_MIN_SIZE = 32  # px: smaller images vanish in AlexNet before its last laye
 LPIPS_SOURCE = ("LPIPS v0.1 (alex) is lpips' lpips/weights/v0.1/alex.pth (github.com/richzhang/"
                 "PerceptualSimilarity) and torchvision's https://download.pytorch.org/models/"
                 "alexnet-owt-7be5be79.pth: pass both, or one file of lpips.LPIPS(net='alex')")
+avg_pool_3x3 = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)  # Inception's
 
 
 # -------------------------------------------------------------------------------------------------
 # The FID Inception network: Inception-v3 (Szegedy et al., 2016) as FID's TF graph (pytorch-fid's)
 
 class Units(nn.Module):
-    """conv (no bias) -> BatchNorm (eps 1e-3, TF's) -> ReLU units, pytorch-fid's names, from rows
-    (name, in, out, kernel[, stride[, padding]]): stride 1 keeps the size by default."""
+    """conv-BN (eps 1e-3, TF's)-ReLU units of rows (name, in, out, kernel[, stride[, padding]])."""
     def __init__(self, *rows):
         super().__init__()
         for name, c_in, c_out, kernel, *rest in rows:
@@ -57,10 +57,6 @@ class Units(nn.Module):
             unit = OrderedDict(conv=nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
                                bn=nn.BatchNorm2d(c_out, eps=0.001), relu=nn.ReLU())
             self.add_module(name, nn.Sequential(unit))
-
-
-def avg_pool_3x3(x):
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 class InceptionA(Units):
@@ -183,8 +179,7 @@ def load_inception(path, device="cpu"):
 # LPIPS v0.1 with AlexNet features (Zhang et al., 2018)
 
 class LPIPS(nn.Module):
-    """Image batches (N, 3, H, W) in [-1, 1] -> perceptual distances (N,): the sum over AlexNet's 5
-    layers of channel-weighted squared differences of unit features. The lpips package's names."""
+    """Image pairs (N, 3, H, W) in [-1, 1] -> distances (N,); the lpips package's names."""
     def __init__(self):
         super().__init__()
         self.scaling_layer = nn.Module()  # [-1, 1] -> the statistics AlexNet was trained on
@@ -265,8 +260,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits, split_size=5000):
-    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al., 2016) of logits (N, C), p(y) the mean
-    over a split, averaged over splits as ADM does (10 splits of 50,000 samples)."""
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al., 2016) of logits (N, C), ADM's splits."""
     log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)  # (N, C)
     scores = []
     for part in log_p.split(split_size):
@@ -277,8 +271,7 @@ def inception_score(logits, split_size=5000):
 
 
 def squared_distance_blocks(a, b, block_entries):
-    """Rows of a (N, D) against b (M, D) -> (rows, squared distances (R, M)), blocks of at most
-    `block_entries`: |a|^2 - 2 a.b + |b|^2, clipped at 0 against round-off."""
+    """a (N, D), b (M, D) -> (rows, squared distances (R, M)) in blocks of <= block_entries."""
     a_norms, b_norms = a.square().sum(dim=1), b.square().sum(dim=1)
     step = max(1, block_entries // len(b))
     for start in range(0, len(a), step):
@@ -314,9 +307,8 @@ def precision_recall(sample_features, reference_features, k=NEIGHBOURS, device="
 def read_class_map(class_map):
     """Superclass ids or names (a list, its JSON) or a hierarchy -> (ids (C,), names or None)."""
     class_map = read_json(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
-    names = None
-    if isinstance(class_map, dict):
-        class_map, names = class_map["class_to_superclass"], class_map.get("superclass_names")
+    names = class_map.get("superclass_names") if isinstance(class_map, dict) else None
+    class_map = class_map["class_to_superclass"] if isinstance(class_map, dict) else class_map
     if len(class_map) and isinstance(class_map[0], str):  # names: ids in sorted order, as folders
         names = sorted(set(class_map))
         class_map = [names.index(name) for name in class_map]
@@ -502,8 +494,7 @@ JUDGE_HELD_OUT = 8  # every 8th image of each class is held out: the judge never
 
 
 class Judge(nn.Module):
-    """Images (N, 3, S, S) in [0, 1] -> (features (N, 4w), logits (N, C)): three stages of two 3x3
-    conv-BN-ReLU layers, max-pooled between stages, then a global average."""
+    """Images (N, 3, S, S) in [0, 1] -> (features, logits): 3 pooled stages of 2 conv-BN-ReLU."""
     def __init__(self, num_classes, width=32):
         super().__init__()
         layers, channels = [], 3
@@ -534,10 +525,10 @@ def held_out(labels):
 def judge_images(judge, images, device="cpu"):
     """uint8 images (N, S, S, 3) -> (features (N, D), class probabilities (N, C)), float64."""
     features, probabilities = [], []
-    for _, batch in image_batches(images, 256):
-        f, logits = judge(batch.to(device))
+    for _, x in image_batches(images, 256):
+        f, logits = judge(x.to(device))
         features.append(f.double().cpu())
-        probabilities.append(logits.double().softmax(dim=1).cpu())
+        probabilities.append(logits.double().softmax(dim=1).cpu())  # on the device, as before
     return torch.cat(features).numpy(), torch.cat(probabilities).numpy()
 
 
@@ -565,48 +556,6 @@ def within_class_spread(features, labels, num_classes):
     return spread
 
 
-def make_judge(dataset, hierarchy, data, epochs=10, width=32, seed=0, num_workers=4, device="cpu"):
-    """A Judge trained on a data set's real images, named by `data` -> the judge file's contents.
-    Batches of 64 shifted by up to 2 px, never mirrored: a mirror can be another class (toys)."""
-    rows, images = zip(*read_images(dataset, num_workers=num_workers))
-    rows, images = np.concatenate(rows), torch.cat(images).numpy()
-    labels = dataset.labels[rows]
-    test = held_out(labels)
-    num_classes = len(hierarchy.class_names)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    judge = Judge(num_classes, width).to(device).train()
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=0.05)
-    steps = epochs * math.ceil((~test).sum() / 64)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    pixels = torch.as_tensor(images[~test]).permute(0, 3, 1, 2)
-    targets, size = torch.as_tensor(labels[~test]), images.shape[1]
-    for _ in (bar := tqdm(range(epochs), desc="training the judge")):
-        for batch in torch.randperm(len(pixels), generator=generator).split(64):
-            dy, dx = torch.randint(0, 5, (2,), generator=generator).tolist()
-            x = F.pad(pixels[batch].float() / 255, (2, 2, 2, 2), mode="replicate")
-            x = x[:, :, dy:dy + size, dx:dx + size]
-            loss = F.cross_entropy(judge(x.to(device))[1], targets[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    judge.eval().requires_grad_(False)
-    features, probabilities = judge_images(judge, images, device=device)
-    accuracy, chance = rank_accuracy(probabilities[test], labels[test], hierarchy)
-    stats = set_statistics(features, np.asarray(hierarchy.class_to_superclass)[labels],
-                           hierarchy.superclass_names)
-    mu, sigma = (torch.as_tensor(np.stack(moment)) for moment in zip(*stats.values()))
-    return dict(format=JUDGE_FORMAT, width=width, image_size=dataset.image_size,
-                state_dict=judge.state_dict(), hierarchy=hierarchy.to_dict(), held_out=accuracy,
-                chance=chance, reference=dict(names=list(stats), mu=mu, sigma=sigma),
-                data=dict(data, files=dataset.fingerprint(), images=len(labels),
-                          held_out_images=int(test.sum())),
-                class_spread=torch.as_tensor(within_class_spread(features, labels, num_classes)))
-
-
 def load_judge(path):
     """A judge file -> (Judge, its contents), checked; another file says how to make a judge."""
     make = "make one with python evaluate.py judge --data ... --out judge.pt"
@@ -614,8 +563,7 @@ def load_judge(path):
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise ValueError(f"{path} is not a readable judge file ({why}): "
-                         f"{make}") from None
+        raise ValueError(f"{path} is not a readable judge file ({why}): {make}") from None
     if not isinstance(contents, dict) or contents.get("format") != JUDGE_FORMAT:
         raise ValueError(f"{path} is no judge file of this version (format {JUDGE_FORMAT}): {make}")
     judge = Judge(len(contents["hierarchy"]["class_names"]), contents["width"])
@@ -630,61 +578,6 @@ def describe_judge(contents):
     return (f"judge of {where} at {contents['image_size']} px "
             f"({len(contents['hierarchy']['class_names'])} classes, {data['images']:,} images); "
             f"on its {data['held_out_images']:,} held-out real images: {accuracy}")
-
-
-def score_samples(judge, contents, images, labels, device="cpu"):
-    """uint8 samples (N, S, S, 3) of fine `labels` -> {accuracy, chance, real, fine_by_superclass,
-    fd, fd_mean, diversity}."""
-    hierarchy = Hierarchy.from_dict(contents["hierarchy"])
-    features, probabilities = judge_images(judge, images, device=device)
-    accuracy, chance = rank_accuracy(probabilities, labels, hierarchy)
-    superclass_labels = np.asarray(hierarchy.class_to_superclass)[labels]
-    correct = probabilities.argmax(axis=1) == labels
-    by_superclass = {hierarchy.superclass_names[s]: float(correct[superclass_labels == s].mean())
-                     for s in np.unique(superclass_labels)}
-    real = contents["reference"]
-    reference = {name: (mu.numpy(), sigma.numpy())
-                 for name, mu, sigma in zip(real["names"], real["mu"], real["sigma"])}
-    fd = fid_by_superclass(
-        set_statistics(features, superclass_labels, hierarchy.superclass_names), reference)
-    spread = within_class_spread(features, labels, len(hierarchy.class_names))
-    judged = ~np.isnan(spread)  # classes with two samples or more
-    diversity = spread[judged].sum() / contents["class_spread"].numpy()[judged].sum()
-    return dict(accuracy=accuracy, chance=chance, real=contents["held_out"],
-                fine_by_superclass=by_superclass, fd=fd,
-                fd_mean=float(np.mean([v for k, v in fd.items() if k != "overall"])),
-                diversity=float(diversity))
-
-
-def read_samples(path, contents):
-    """sample.py's .npz, or its folder of PNGs NNNNNN.png (image i of class i mod C) -> (uint8
-    images (N, S, S, 3), labels (N,)), checked against the judge's image size and classes."""
-    classes, size = contents["hierarchy"]["class_names"], contents["image_size"]
-    wrong_size = (f"{path}: its images are {{}}x{{}} px, and the judge judges {size}x{size} px "
-                  f"images: sample at --image-size {size}")
-    names = None
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
-        if not files or not all(f[:-4].isdigit() for f in files):
-            raise ValueError(f"{path}: no PNGs, or PNGs named other than NNNNNN.png (as sample.py "
-                             f"writes them), which carry no class: give sample.py's .npz")
-        if (first := Image.open(os.path.join(path, files[0]))).size != (size, size):
-            raise ValueError(wrong_size.format(*first.size))  # before reading them all
-        images = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB"))
-                           for f in files])
-        numbers = [int(f[:-4]) for f in files]
-        labels = sample_classes(max(numbers) + 1, len(classes))[numbers]
-    else:
-        samples = read_image_npz(path, labels_for="the judge checks each sample's class")
-        images, labels, names = samples["images"], samples["labels"], samples["class_names"]
-    if images.shape[1:3] != (size, size):
-        raise ValueError(wrong_size.format(images.shape[2], images.shape[1]))
-    data = contents["data"]
-    if names not in (None, classes) or labels.min() < 0 or labels.max() >= len(classes):
-        raise ValueError(f"{path}: its classes ({len(names or [])} names, labels {labels.min()}.."
-                         f"{labels.max()}) are not the judge's {len(classes)} of {data['kind']} "
-                         f"{data.get('split') or ''}: give a judge of the data the model learned")
-    return images, np.asarray(labels, dtype=np.int64)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -712,8 +605,7 @@ def conditional_probabilities(sq_distances, perplexity):
 
 
 def tsne(x, perplexity=30.0, iterations=1000, seed=0, device="cpu", progress=True):
-    """(N, D) points -> (N, 2), deterministic given the seed: momentum, gains, 250 steps of early
-    exaggeration (x12); 10,011 points take 0.8 GB per N x N float64 matrix."""
+    """(N, D) points -> (N, 2), deterministic given the seed; 10,011 points: 0.8 GB per N x N."""
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
     n = x.shape[0]
     p = conditional_probabilities(torch.cdist(x, x).square(), min(perplexity, (n - 1) / 3))
@@ -737,19 +629,18 @@ def tsne(x, perplexity=30.0, iterations=1000, seed=0, device="cpu", progress=Tru
 
 
 def embed_label_table(table, class_to_superclass, num_superclasses, **tsne_options):
-    """Rows [fine C | superclass S | (null)] -> 2-D positions of the fine rows, superclass means and
-    superclass rows; the means are embedded with the rows (t-SNE places no points later)."""
+    """Rows [fine C | superclass S | (null)] -> 2-D fine rows, superclass means, superclass rows."""
     table = torch.as_tensor(table, dtype=torch.float64)
     c = len(class_to_superclass)
     fine, superclass = table[:c], table[c:c + num_superclasses]  # a null row is not in Figure 7
     members = torch.as_tensor(class_to_superclass) == torch.arange(num_superclasses)[:, None]
     means = (members.double() @ fine) / members.sum(dim=1, keepdim=True)  # (S, C) @ (C, D)
-    y = tsne(torch.cat([fine, means, superclass]).numpy(), **tsne_options)
+    y = tsne(torch.cat([fine, means, superclass]).numpy(), **tsne_options)  # t-SNE adds none later
     return y[:c], y[c:c + num_superclasses], y[c + num_superclasses:]
 
 
 def superclass_colors(names):
-    """A colour per superclass: the toy set's, else evenly spread hues of alternating value."""
+    """The toy set's colour per superclass, else evenly spread hues of alternating value."""
     rgb = lambda i: colorsys.hsv_to_rgb(i / len(names), 0.8, 0.95 if i % 2 else 0.7)
     return [toy_superclass_color(name) or tuple(round(255 * v) for v in rgb(i))
             for i, name in enumerate(names)]
@@ -827,8 +718,7 @@ def results_table(results):
 
 
 def report(values, path=None, method=None, replaces=(), show=True):
-    """Print {metric: value, or {name: value}} as `FID overall: 9.776` lines (if `show`); merge them
-    into the results JSON at `path` as row `method`, without any older value of `replaces`."""
+    """Print {metric: value or {name: value}} (if `show`); merge into JSON `path` as `method`."""
     for metric, value in values.items() if show else ():
         for name, v in value.items() if isinstance(value, dict) else [("", value)]:
             print(f"{LABELS.get(metric, metric)}{' ' + name if name else ''}: {v:.3f}")
@@ -845,7 +735,6 @@ def report(values, path=None, method=None, replaces=(), show=True):
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    pixels = number(int, 8, 2048)
     shared = {  # flags of several commands
         "--samples": dict(required=True, help="sample.py's .npz"),
         "--ref": dict(required=True, help="ref-stats' .npz (fid), images .npz or data set root"),
@@ -853,7 +742,7 @@ def parse_args(argv=None):
         "--batch-size": dict(type=number(int, 1, 4096), default=50, help="images per forward pass"),
         "--class-map": dict(help="fine -> superclass JSON, if the .npz does not hold it"),
         "--inception": dict(default="pt_inception-2015-12-05-6726825d.pth", help="FID's weights"),
-        "--image-size": dict(type=pixels, default=256, help="centre-crop size of data set images"),
+        "--image-size": dict(type=number(int, 8, 2048), default=256, help="centre-crop size, px"),
         "--ref-data": dict(choices=DATA_KINDS, help="--ref kind (none: by path)"),
         "--ref-split": dict(help="split of --ref-data, e.g. val (none: data.py's)"),
         "--num-workers": dict(type=cli.NUM_WORKERS, default=WORKERS, help="image decoding workers"),
@@ -861,6 +750,7 @@ def parse_args(argv=None):
         "--results": dict(help="JSON to merge the numbers into (read by `table`)"),
         "--data": dict(choices=DATA_KINDS, help="dataset layout"),
         "--data-path": dict(help="dataset root (toy, taxa: where to make it, default cache/toy)"),
+        "--seed": dict(type=cli.SEED, default=0, help="of the random choices"),
     }
 
     def command(name, run, help, *flags, **defaults):
@@ -876,27 +766,25 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the statistics .npz to write")
     command("fid", run_fid, "FID per superclass (Table 1); sFID, IS, precision and recall (ADM's)",
             "--samples", *inception, "--method", "--results")
-    p = command("lpips", run_lpips, "LPIPS diversity between samples of one class (Table 1)",
-                "--samples", "--device", "--batch-size", "--class-map", "--method", "--results")
+    p = command("lpips", run_lpips, "LPIPS diversity of same-class samples (Table 1)", "--samples",
+                "--device", "--batch-size", "--class-map", "--method", "--results", "--seed")
     p.add_argument("--lpips-weights", nargs="+", required=True, help="lin + AlexNet files, or one")
     p.add_argument("--pairs-per-class", type=POSITIVE, default=10, help="random pairs per class")
-    p.add_argument("--seed", type=cli.SEED, default=0, help="which pairs")
     p = command("table", lambda args: print(results_table([read_json(f) for f in args.files])),
                 "Table 1 (markdown) from results JSON files")
     p.add_argument("files", nargs="+", metavar="results", help="fid / lpips --results files")
     p = command("judge", run_judge, "train the judge on a data set's real images", "--data",
-                "--data-path", "--image-size", "--device", "--num-workers", data="taxa",
+                "--data-path", "--image-size", "--device", "--num-workers", "--seed", data="taxa",
                 image_size=32)
     p.add_argument("--split", help="the fine-tuning split (none: data.py's; toy, taxa: target)")
     p.add_argument("--epochs", type=number(int, 1, 1000), default=10, help="passes over the images")
     p.add_argument("--width", type=number(int, 4, 512), default=32, help="first stage's channels")
-    p.add_argument("--seed", type=cli.SEED, default=0, help="the judge's start and batches")
     p.add_argument("--out", required=True, help="the judge file to write (.pt)")
     p = command("score", run_score, "score samples with a judge: accuracy at every rank, FD, "
                 "diversity", "--device", "--method", "--results")
     p.add_argument("--judge", required=True, help="a judge file of `evaluate.py judge`")
     p.add_argument("--samples", required=True, help="sample.py's .npz or PNGs (i: class i mod C)")
-    p = command("tsne", run_tsne, "Figure 7: t-SNE of the label embeddings", "--device")
+    p = command("tsne", run_tsne, "Figure 7: t-SNE of the label embeddings", "--device", "--seed")
     p.add_argument("--checkpoint", required=True, help="train.py's or an official FineDiffusion")
     p.add_argument("--class-map", help="hierarchy JSON (none: the checkpoint's own)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help=WEIGHTS_HELP)
@@ -904,7 +792,6 @@ def parse_args(argv=None):
     p.add_argument("--perplexity", type=number(float, 0.0, low_open=True), default=30.0,
                    help="t-SNE's")
     p.add_argument("--iterations", type=POSITIVE, default=1000, help="gradient steps of t-SNE")
-    p.add_argument("--seed", type=cli.SEED, default=0, help="t-SNE's starting positions")
     p.add_argument("--size", type=number(int, 200, 10_000), nargs=2, default=[1400, 1000],
                    metavar=("WIDTH", "HEIGHT"), help="of the figure, in pixels")
     p = command("data", run_data, "a data set's classes, images per superclass, unreadable images",
@@ -971,19 +858,100 @@ def run_judge(args):
         args.split = "target"  # the fine-tuned classes
     dataset, hierarchy = load_dataset(args.data, args.data_path, args.image_size, args.split,
                                       hflip=False)
-    data = dict(kind=args.data, path=args.data_path, split=args.split)
-    contents = make_judge(dataset, hierarchy, data, args.epochs, args.width, args.seed,
-                          args.num_workers, args.device)
+    # batches of 64 shifted by up to 2 px, never mirrored: a mirror can be another class (toys)
+    rows, images = zip(*read_images(dataset, num_workers=args.num_workers))
+    rows, images = np.concatenate(rows), torch.cat(images).numpy()
+    labels = dataset.labels[rows]
+    test = held_out(labels)
+    num_classes = len(hierarchy.class_names)
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    judge = Judge(num_classes, args.width).to(args.device).train()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=0.05)
+    steps = args.epochs * math.ceil((~test).sum() / 64)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    pixels = torch.as_tensor(images[~test]).permute(0, 3, 1, 2)
+    targets, size = torch.as_tensor(labels[~test]), images.shape[1]
+    for _ in (bar := tqdm(range(args.epochs), desc="training the judge")):
+        for batch in torch.randperm(len(pixels), generator=generator).split(64):
+            dy, dx = torch.randint(0, 5, (2,), generator=generator).tolist()
+            x = F.pad(pixels[batch].float() / 255, (2, 2, 2, 2), mode="replicate")
+            x = x[:, :, dy:dy + size, dx:dx + size]
+            loss = F.cross_entropy(judge(x.to(args.device))[1], targets[batch].to(args.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    judge.eval().requires_grad_(False)
+    features, probabilities = judge_images(judge, images, device=args.device)
+    accuracy, chance = rank_accuracy(probabilities[test], labels[test], hierarchy)
+    stats = set_statistics(features, np.asarray(hierarchy.class_to_superclass)[labels],
+                           hierarchy.superclass_names)
+    mu, sigma = (torch.as_tensor(np.stack(moment)) for moment in zip(*stats.values()))
+    contents = dict(format=JUDGE_FORMAT, width=args.width, image_size=dataset.image_size,
+                    state_dict=judge.state_dict(), hierarchy=hierarchy.to_dict(), held_out=accuracy,
+                    chance=chance, reference=dict(names=list(stats), mu=mu, sigma=sigma),
+                    data=dict(kind=args.data, path=args.data_path, split=args.split,
+                              files=dataset.fingerprint(), images=len(labels),
+                              held_out_images=int(test.sum())))
+    contents["class_spread"] = torch.as_tensor(within_class_spread(features, labels, num_classes))
     write_atomically(args.out, lambda f: torch.save(contents, f))
     print(f"saved {args.out}: {describe_judge(contents)}")
 
 
 def run_score(args):
     judge, contents = load_judge(args.judge)
-    images, labels = read_samples(args.samples, contents)
+    # sample.py's .npz, or its PNGs NNNNNN.png (image i of class i mod C): the judge's size, classes
+    path = args.samples
+    classes, size = contents["hierarchy"]["class_names"], contents["image_size"]
+    wrong_size = (f"{path}: its images are {{}}x{{}} px, and the judge judges {size}x{size} px "
+                  f"images: sample at --image-size {size}")
+    names = None
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not files or not all(f[:-4].isdigit() for f in files):
+            raise ValueError(f"{path}: no PNGs NNNNNN.png as sample.py writes them (others carry "
+                             "no class): give sample.py's .npz")
+        if (first := Image.open(os.path.join(path, files[0]))).size != (size, size):
+            raise ValueError(wrong_size.format(*first.size))  # before reading them all
+        images = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB"))
+                           for f in files])
+        numbers = [int(f[:-4]) for f in files]
+        labels = sample_classes(max(numbers) + 1, len(classes))[numbers]
+    else:
+        samples = read_image_npz(path, labels_for="the judge checks each sample's class")
+        images, labels, names = samples["images"], samples["labels"], samples["class_names"]
+    if images.shape[1:3] != (size, size):
+        raise ValueError(wrong_size.format(images.shape[2], images.shape[1]))
+    data = contents["data"]
+    if names not in (None, classes) or labels.min() < 0 or labels.max() >= len(classes):
+        raise ValueError(f"{path}: its classes ({len(names or [])} names, labels {labels.min()}.."
+                         f"{labels.max()}) are not the judge's {len(classes)} of {data['kind']} "
+                         f"{data.get('split') or ''}: give a judge of the data the model learned")
+    labels = np.asarray(labels, dtype=np.int64)
     print(f"{args.judge}: {describe_judge(contents)}\n{args.samples}: {len(labels):,} samples of "
           f"{len(np.unique(labels)):,} classes")
-    scores = score_samples(judge.to(args.device), contents, images, labels, args.device)
+    hierarchy = Hierarchy.from_dict(contents["hierarchy"])
+    features, probabilities = judge_images(judge.to(args.device), images, device=args.device)
+    accuracy, chance = rank_accuracy(probabilities, labels, hierarchy)
+    superclass_labels = np.asarray(hierarchy.class_to_superclass)[labels]
+    correct = probabilities.argmax(axis=1) == labels
+    by_superclass = {hierarchy.superclass_names[s]: float(correct[superclass_labels == s].mean())
+                     for s in np.unique(superclass_labels)}
+    real = contents["reference"]
+    reference = {name: (mu.numpy(), sigma.numpy())
+                 for name, mu, sigma in zip(real["names"], real["mu"], real["sigma"])}
+    fd = fid_by_superclass(
+        set_statistics(features, superclass_labels, hierarchy.superclass_names), reference)
+    spread = within_class_spread(features, labels, len(hierarchy.class_names))
+    judged = ~np.isnan(spread)  # classes with two samples or more
+    diversity = spread[judged].sum() / contents["class_spread"].numpy()[judged].sum()
+    scores = dict(accuracy=accuracy, chance=chance, real=contents["held_out"],
+                  fine_by_superclass=by_superclass, fd=fd,
+                  fd_mean=float(np.mean([v for k, v in fd.items() if k != "overall"])),
+                  diversity=float(diversity))
     by_rank = lambda key: "  ".join(f"{r} {v:.3f}" for r, v in scores[key].items())
     by_superclass = ", ".join(f"{k} {v:.3f}" for k, v in scores["fine_by_superclass"].items())
     print(f"accuracy:  {by_rank('accuracy')}\n  chance:  {by_rank('chance')}\n  real:    "

@@ -64,9 +64,13 @@ class AdaptedLinear(nn.Linear):
 
     def merged(self):
         """A plain nn.Linear computing the same function (up to float rounding)."""
-        linear = nn.Linear(self.in_features, self.out_features, device="meta")
         weight, bias = self.merged_weight_and_bias()
-        linear.weight, linear.bias = nn.Parameter(weight.detach()), nn.Parameter(bias.detach())
+        # a real init, not on meta: it draws from the global RNG as the versions before did, so a
+        # fine-tune from a merged delta starts from the same numbers
+        linear = nn.Linear(self.in_features, self.out_features, device=weight.device,
+                           dtype=weight.dtype)
+        linear.weight.data.copy_(weight)
+        linear.bias.data.copy_(bias)
         return linear
 
 

@@ -141,7 +141,9 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
 
 def sample_bulk(model, vae, hierarchy, args, device, rank, world_size):
     """--num-samples over all classes; batch b seeded by b, whatever the world size."""
-    out = cli.shared(output_path(args, "bulk", BULK_COMPANIONS))  # before any rank takes it
+    out = output_path(args, "bulk", BULK_COMPANIONS)
+    if world_size > 1:  # every rank chose the same free path before any rank takes it
+        dist.barrier()
     os.makedirs(out, exist_ok=True)
     labels = sample_classes(args.num_samples, model.y_embedder.num_classes)
     num_batches = math.ceil(args.num_samples / args.batch_size)

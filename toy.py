@@ -1,10 +1,9 @@
-"""
-The papers in miniature, on a CPU, in one command (7 min on 2 cores): a tiny DiT (DiT-T/2, 16 px)
-pre-trained on the toy source split for 2x --max-steps, fine-tuned with --method on the target split
-(new classes, a new superclass), then every target class drawn (and Figure 7's t-SNE, for a tiered
-label table). --table: Table 1 in miniature on the toy taxonomy (120 species, 20 genera, 5
-superclasses; 32 px, DiT-T/4), every method from one base at two seeds, judged by a classifier of
-the real images. train.py's flags are taken; a finished base is reused, a stopped one resumed.
+"""The papers in miniature on a CPU (7 min on 2 cores): a tiny DiT (DiT-T/2, 16 px) pre-trained on
+the toy source split for 2x --max-steps, fine-tuned with --method on the target split (new classes,
+a new superclass), then every class drawn (and Figure 7's t-SNE, if tiered). --table: Table 1 in
+miniature on the toy taxonomy (120 species, 20 genera, 5 superclasses), every method from one base
+at two seeds, judged by a real-image classifier. train.py's flags apply; a finished run is reused, a
+stopped one resumed.
 
     python toy.py                    # pre-train a toy base, fine-tune it with FineDiffusion, draw
     python toy.py --method lora      # another method on the same base
@@ -45,9 +44,9 @@ TABLE = dict(data="taxa", model="DiT-T/4", image_size=32, max_steps=600, log_eve
 TABLE_SEEDS, TABLE_SHOWN = (0, 1), 8  # seeds a method; classes in the figure
 
 
-def toy_lr(method):
-    """The toy's learning rate, not peft.METHODS': full at the base's, the others 10x (DiffFit)."""
-    return BASE_LR if method == "full" else 10 * BASE_LR
+def toy_lr(args, method):
+    """--lr, else the toy's (not peft.METHODS'): full at the base's, the others 10x (DiffFit)."""
+    return args.lr if "lr" in args.given else BASE_LR if method == "full" else 10 * BASE_LR
 
 
 def own_flags(p):
@@ -72,7 +71,7 @@ def parse_args(argv=None):
     if args.resume or "RANK" in os.environ:
         raise ValueError("toy.py starts a new experiment in one process: give it without --resume "
                          "and without torchrun (python train.py --resume continues a run)")
-    args.lr = args.lr if "lr" in args.given else toy_lr(args.method)
+    args.lr = toy_lr(args, args.method)
     args.run_name = args.run_name or f"toy-{args.method}"
     return args
 
@@ -81,7 +80,10 @@ def trained(settings, same, label):
     """The newest run named settings.run_name whose settings agree on `same`: reused when
     finished, resumed when interrupted; else a new run of `settings` -> its checkpoint."""
     for run in named_runs(settings.run_name, settings.results_dir):
-        saved = read_checkpoint(path := find_checkpoint(run))
+        try:
+            saved = read_checkpoint(path := find_checkpoint(run))
+        except (ValueError, FileNotFoundError):  # unreadable, or of an earlier format: passed over
+            continue
         if all(saved.settings.get(k) == getattr(settings, k) for k in same):
             if saved.step == settings.max_steps:
                 print(f"{label}: reusing {path}, trained for {saved.step} steps")
@@ -111,11 +113,10 @@ def judge_path(kind, data_path, split, image_size):
 
 def table_row(args, folder, judge, hierarchy, method, seed):
     """One method at one seed: fine-tuned, sampled, judged -> {trains, numbers, accuracy, ...}."""
-    settings = argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
-                                     "lr": args.lr if "lr" in args.given else toy_lr(method),
-                                     "run_name": f"toy-{method}-seed{seed}"})
-    checkpoint = trained(settings, SAME_BASE + ("ckpt",), f"{method} seed {seed}")
     name, count = f"{method}-seed{seed}", args.samples_per_class * len(hierarchy.class_names)
+    settings = argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
+                                     "lr": toy_lr(args, method), "run_name": f"toy-{name}"})
+    checkpoint = trained(settings, SAME_BASE + ("ckpt",), f"{method} seed {seed}")
     samples = sample.main(sample.parse_args([
         "--ckpt", checkpoint, "--num-samples", str(count), "--guidance", "default", "--sampler",
         "dpm++", "--num-sampling-steps", str(10 if args.quick else 20),  # DPM-Solver++, for all
@@ -133,8 +134,9 @@ def table_row(args, folder, judge, hierarchy, method, seed):
                          scores["fd_mean"], scores["diversity"]])
 
 
-def write_table(rows, held_out, path):
-    """rows: {method: [table_row(), one per seed]} -> Table 1 in miniature, in markdown."""
+def write_results(rows, held_out, folder):
+    """rows: {method: [table_row(), one per seed]} -> table.md, Table 1 in miniature (returned), and
+    accuracy.png: each rank's accuracy per method (mean over seeds) as bars, a group a method."""
     ranks = list(held_out)
     lines = ["| method | trains | train img/s | " + " | ".join(f"{r} acc.↑" for r in ranks)
              + " | judge FD↓ | FD per superclass↓ | diversity (1 = real) |",
@@ -142,18 +144,13 @@ def write_table(rows, held_out, path):
     digits = [0] + [3] * len(ranks) + [2, 2, 3]
     for method, seeds in rows.items():  # mean ± sd over the seeds
         cols = zip(*(seed["numbers"] for seed in seeds))
-        cells = [f"{np.mean(c):.{d}f} ± {np.std(c, ddof=1):.{d}f}" for c, d in zip(cols, digits)]
+        cells = [f"{np.mean(c):.{d}f} ± {np.std(c, ddof=len(c) > 1):.{d}f}"  # (one seed: 0)
+                 for c, d in zip(cols, digits)]
         lines.append(f"| {method} | {seeds[0]['trains']:.2f}% | " + " | ".join(cells) + " |")
     chance = next(iter(rows.values()))[0]["chance"]
     for name, values in (("real images (held out)", held_out), ("chance", chance)):
         lines.append(f"| {name} | | | {' | '.join(f'{values[r]:.3f}' for r in ranks)} | | | |")
-    pathlib.Path(path).write_text("\n".join(lines) + "\n")
-    return "\n".join(lines)
-
-
-def draw_bars(rows, path):
-    """Each rank's accuracy per method (mean over seeds) as horizontal bars, a group a method."""
-    ranks = list(next(iter(rows.values()))[0]["accuracy"])
+    pathlib.Path(folder, "table.md").write_text("\n".join(lines) + "\n")
     colors = [(40, 90, 160), (90, 150, 210), (170, 200, 230), (200, 215, 235)]
     left, bar, scale, group = 130, 16, 900 - 130 - 60, 16 * len(ranks) + 14  # px
     canvas = Image.new("RGB", (900, 30 + group * len(rows)), "white")
@@ -169,7 +166,8 @@ def draw_bars(rows, path):
             value, y = float(np.mean([seed["accuracy"][rank] for seed in seeds])), top + k * bar
             draw.rectangle([left, y, left + value * scale, y + bar - 2], fill=colors[k])
             text((left + value * scale + 4, y + bar / 2), f"{value:.2f}")
-    canvas.save(path)
+    canvas.save(os.path.join(folder, "accuracy.png"))
+    return "\n".join(lines)
 
 
 def table(args):
@@ -177,8 +175,7 @@ def table(args):
     started = time.time()
     dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, args.split,
                                            hflip=False)
-    ranks = [rank for rank, _, _ in hierarchy.ranks()]
-    if len(ranks) < 3:
+    if len(ranks := [rank for rank, _, _ in hierarchy.ranks()]) < 3:
         raise ValueError(f"--table scores accuracy at three ranks at least, and {args.data} "
                          f"{args.split} has {', '.join(ranks)}: use --data taxa, or a deeper tree")
     with open_run(args.results_dir, "toy-table") as lock:
@@ -195,16 +192,14 @@ def table(args):
         else:
             print(f"judge: reusing {judge}")
         runs = [(method, seed) for method in METHODS for seed in TABLE_SEEDS]
-        rows, first = {}, time.time()
-        for i, (method, seed) in enumerate(runs):
-            per_run = (time.time() - first) / max(i, 1)  # the runs so far, not the base and judge
+        rows, first = {method: [] for method in METHODS}, time.time()
+        for i, (method, seed) in enumerate(runs):  # to go: at the pace of the runs so far
+            to_go = cli.duration((time.time() - first) / max(i, 1) * (len(runs) - i))
             print(f"\ntable: run {i + 1} of {len(runs)} ({method}, seed {seed}); "
                   f"{cli.duration(time.time() - started)} so far"
-                  + (f", about {cli.duration(per_run * (len(runs) - i))} to go" if i else ""))
-            row = table_row(args, folder, judge, hierarchy, method, seed)
-            rows.setdefault(method, []).append(row)
-        held_out = evaluate.load_judge(judge)[1]["held_out"]
-        markdown = write_table(rows, held_out, os.path.join(folder, "table.md"))
+                  + (f", about {to_go} to go" if i else ""))
+            rows[method].append(table_row(args, folder, judge, hierarchy, method, seed))
+        markdown = write_results(rows, evaluate.load_judge(judge)[1]["held_out"], folder)
         shown = np.linspace(0, len(hierarchy.class_names) - 1, TABLE_SHOWN).round().astype(int)
         real = [dataset.read(np.flatnonzero(dataset.labels == c)[0]) for c in shown]
         # each method's first seed: sample i is of class i mod C, so sample c is of class c
@@ -212,10 +207,8 @@ def table(args):
         names = ["real"] + [f"{method} (seed {TABLE_SEEDS[0]})" for method in rows]
         data.save_grid(np.concatenate([np.stack(real), *drawn]), os.path.join(folder, "table.png"),
                        cols=len(shown), row_names=names)
-        draw_bars(rows, os.path.join(folder, "accuracy.png"))
     print(f"\nTable 1 in miniature, {cli.duration(time.time() - started)}:\n{markdown}\n-> "
-          f"{folder}: table.md, table.png (samples beside real images), accuracy.png, scores/, "
-          f"samples/")
+          f"{folder}: table.md, table.png (samples, real images), accuracy.png, scores/, samples/")
     return folder
 
 

@@ -1,5 +1,4 @@
-"""
-Fine-tune a pre-trained DiT with any method of peft.py (or train one from scratch), on CPU or GPUs.
+"""Fine-tune a pre-trained DiT with any method of peft.py (or train one anew), on CPU or GPUs.
 
     torchrun --nproc_per_node=8 train.py --method finediffusion --data inat --data-path inat \\
         --ckpt pretrained/DiT-XL-2-256x256.pt --vae pretrained/sd-vae-ft-ema --latent-cache cache
@@ -93,9 +92,8 @@ def check_args(args, world_size):
         args.resume = find_checkpoint(args.resume, args.results_dir)
         resume = read_checkpoint(args.resume)
         if refused := [cli.flag(k) for k in args.given if k not in (*RESUMABLE, "resume")]:
-            raise ValueError(f"--resume continues the run with its saved settings and cannot "
-                             f"change {', '.join(refused)}; it can change "
-                             f"{', '.join(map(cli.flag, RESUMABLE))}")
+            raise ValueError(f"--resume cannot change {', '.join(refused)} (saved with the run); "
+                             f"it can change {', '.join(map(cli.flag, RESUMABLE))}")
         # flags newer than the checkpoint take their defaults, but for the EMA warm-up: it had none
         settings = {**vars(parse_args([])), "ema_warmup": False, **resume.settings}
         given = {k: getattr(args, k) for k in args.given if k != "resume"}
@@ -110,9 +108,8 @@ def check_args(args, world_size):
                              f"{resume.step} already; give a larger --max-steps")
         if in_place := continued_run(args.resume):  # in use by another process: refused now
             cli.by_rank_zero(lambda: lock_run(in_place).release())
-    foreign = [f"{cli.flag(o)} ({m})" for m in METHODS if m != args.method
-               for o in METHODS[m].options if o in args.given]
-    if foreign:
+    if foreign := [f"{cli.flag(o)} ({m})" for m in METHODS if m != args.method
+                   for o in METHODS[m].options if o in args.given]:
         raise ValueError(f"{', '.join(foreign)}: not an option of --method {args.method}, which "
                          f"has {', '.join(map(cli.flag, METHODS[args.method].options)) or 'none'}")
     if args.global_batch_size % world_size:
@@ -128,8 +125,7 @@ def check_args(args, world_size):
     cli.plain_name(args.run_name, "--run-name")
     if args.latent_cache:
         if args.vae == "none":
-            raise ValueError("--latent-cache holds VAE latents; with --vae none (pixel space) "
-                             "there are none: drop it")
+            raise ValueError("--latent-cache: with --vae none (pixel space) there are none")
         if problem := data.cache_folder_problem(args.latent_cache):
             raise ValueError(problem)
         cli.writable_folder(args.latent_cache, "--latent-cache")
@@ -152,7 +148,6 @@ def train_step(network, diffusion, opt, scaler, x, y, precision):
     return loss
 
 
-@torch.no_grad()
 def update_ema(averaged, trained, decay):
     """averaged = decay * averaged + (1 - decay) * trained, fused: bit-identical to lerp_ each."""
     torch._foreach_lerp_(averaged, [p.detach().float() for p in trained], 1 - decay)
@@ -224,9 +219,8 @@ class Meter:
 
 
 class Guard(cli.StopRequest):
-    """When to save and stop, agreed by all ranks in one all-reduce a step: a signal saves and
-    exits 128 + signum; a diverged step (a non-finite loss or weight, or one beyond MAX_WEIGHT)
-    exits 1 unsaved; rank 0's clock saves every --ckpt-minutes."""
+    """Save and stop, agreed by all ranks a step: a signal saves, exits 128 + signum; divergence
+    (loss or weight inf/NaN or > MAX_WEIGHT) exits 1 unsaved; rank 0 saves every --ckpt-minutes."""
     def __init__(self, args, world_size, log, save):
         self.args, self.world_size, self.log, self.save = args, world_size, log, save
         self.last_saved, self.saved_at = args.resume, time.time()
@@ -244,10 +238,9 @@ class Guard(cli.StopRequest):
             dist.all_reduce(health)
         loss, bad, self.stopping, self.due = health.tolist()
         if bad:  # the weights in memory are lost; no checkpoint holds them
-            self.log(f"step {step}: the training diverged (loss {loss / self.world_size:.4g}, or a "
-                     f"weight non-finite or beyond {MAX_WEIGHT:g}); stopping before a checkpoint "
-                     f"holds it. The last good checkpoint is {self.last_saved or 'none'}: resume "
-                     f"from it with a lower --lr, or --precision fp32.")
+            self.log(f"step {step}: training diverged (loss {loss / self.world_size:.4g}, or a "
+                     f"weight > {MAX_WEIGHT:g} or inf/NaN), unsaved. The last good checkpoint is "
+                     f"{self.last_saved or 'none'}: resume with a lower --lr, or --precision fp32")
             raise SystemExit(1)
         return loss / self.world_size
 
@@ -267,8 +260,7 @@ class Guard(cli.StopRequest):
 
 
 def load_data_and_model(args, resume, rank, world_size, device):
-    """The VAE, data and model (a resume's rebuilt), each checked before slow work follows it
-    -> (the VAE, the training set, the model, the checkpoint's unchanging fields)."""
+    """Each checked before slow work -> (VAE, training set, model (a resume's rebuilt), fields)."""
     vae = None if args.vae == "none" else load_vae(args.vae, device)
     if vae is not None and args.image_size % vae.downsample_factor:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's "
@@ -325,24 +317,6 @@ def load_data_and_model(args, resume, rank, world_size, device):
         settings={k: v for k, v in vars(args).items() if k not in ("resume", "given")})
 
 
-def start_state(model, lr, precision, device, resume, rank, world_size, seed, log):
-    """The optimizer, the fp16 scaler, the EMA and the step: fresh, or the resumed run's."""
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=0)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if not resume:
-        return opt, scaler, {n: p.detach().float().clone() for n, p in trained.items()}, 0
-    opt.load_state_dict(resume.optimizer)
-    for group in opt.param_groups:  # the saved state carries the old lr
-        group["lr"] = lr
-    if scaler.is_enabled() and resume.scaler:  # fp16 before and now
-        scaler.load_state_dict(resume.scaler)
-    if not restore_rng(resume.rng, rank, world_size, seed + resume.step):
-        log(f"resuming on {world_size} processes, not {len(resume.rng)}: fresh random streams, "
-            f"not bit-exact")
-    return opt, scaler, {n: v.to(device) for n, v in resume.ema.items()}, resume.step
-
-
 def main(args):
     """Train as `args` say -> (the model, its run folder)."""
     rank, world_size, device = cli.init_distributed()
@@ -365,22 +339,32 @@ def main(args):
         f"superclasses, {len(dataset):,} training items ({mirrors}), {world_size} process(es) on "
         f"{device.type}, {precision}")
     lr = args.lr or METHODS[args.method].lr
-    opt, scaler, ema, step = start_state(model, lr, precision, device, resume, rank, world_size,
-                                         args.seed, log)
-    if resume:
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if resume:  # the run's optimizer (at the new lr), fp16 scale and random streams
+        opt.load_state_dict(resume.optimizer)
+        for group in opt.param_groups:  # the saved state carries the old lr
+            group["lr"] = lr
+        if scaler.is_enabled() and resume.scaler:  # fp16 before and now
+            scaler.load_state_dict(resume.scaler)
+        if not restore_rng(resume.rng, rank, world_size, args.seed + resume.step):
+            log(f"resuming on {world_size} processes, not {len(resume.rng)}: fresh random "
+                f"streams, not bit-exact")
         branch = run_folder(args.resume) != os.path.abspath(run_dir)  # not its run's newest
-        log(f"resumed from {args.resume} at step {step}" + (f", into the new run folder {run_dir} "
-            f"(its own run stays as it is)" if branch else ""))
+        log(f"resumed from {args.resume} at step {resume.step}" + (f", into the new run folder "
+            f"{run_dir} (its own run stays as it is)" if branch else ""))
+    ema = ({n: v.to(device) for n, v in resume.ema.items()} if resume else
+           {n: p.detach().float().clone() for n, p in trained.items()})
+    step = resume.step if resume else 0
     if changed:
         log(f"changed on resume: {changed}")
-    network = model
-    if world_size > 1:
-        network = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    network = model if world_size == 1 else DDP(
+        model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:  # random ops as eager draws them: --compile changes speed, not label dropout
         torch._inductor.config.fallback_random = True
         network = torch.compile(network)
-    trained = [p for p in model.parameters() if p.requires_grad]  # all the optimizer and EMA see
-    averaged = [ema[n] for n, p in model.named_parameters() if p.requires_grad]
+    averaged, trained = [ema[n] for n in trained], list(trained.values())  # the EMA's, the opt's
 
     model.train()
     meter, diffusion = Meter(args, step, lr, device, log), create_diffusion("")

@@ -1,14 +1,14 @@
 """The papers in miniature on a CPU (7 min on 2 cores): a tiny DiT (DiT-T/2, 16 px) pre-trained on
-the toy source split for 2x --max-steps, fine-tuned with --method on the target split (new classes,
+the toy source split for --base-steps, fine-tuned with --method on the target split (new classes,
 a new superclass), then every class drawn (and Figure 7's t-SNE, if tiered). --table: Table 1 in
 miniature on the toy taxonomy (120 species, 20 genera, 5 superclasses), every method from one base
-at two seeds, judged by a real-image classifier. train.py's flags apply; a finished run is reused, a
-stopped one resumed.
+at two seeds, judged by a real-image classifier, beside the base judged on its own species. The
+flags of train.py apply; a finished run is reused, a stopped one resumed.
 
     python toy.py                    # pre-train a toy base, fine-tune it with FineDiffusion, draw
     python toy.py --method lora      # another method on the same base
-    python toy.py --table            # Table 1 in miniature: every method, two seeds (33 min)
-    python toy.py --table --quick    # the same at 100 steps a run, to try the command (8 min)
+    python toy.py --table            # Table 1 in miniature: every method, two seeds (49 min)
+    python toy.py --table --quick    # 100 steps a run, a base of 1,000: to try the command
 """
 import cli  # first: a quiet Ctrl-C while torch loads
 
@@ -30,27 +30,28 @@ from peft import METHODS, parameter_table
 
 # The fine-tune's settings; the base trains from scratch on the source split, its own lr and name.
 TOY_FINE_TUNE = dict(data="toy", split="target", model="DiT-T/2", image_size=16, vae="none",
-                     global_batch_size=64, max_steps=600, ema_decay=0.99, num_workers=0,
-                     sample_every=100)
-BASE_LR = 1e-3
-TOY_BASE = dict(TOY_FINE_TUNE, split="source", method="full", lr=BASE_LR, sample_every=0,
+                     global_batch_size=64, max_steps=600, base_steps=1200, ema_decay=0.99,
+                     num_workers=0, sample_every=100)
+FINE_TUNE_LR = 1e-3  # full fine-tuning's; the others train at 10x (DiffFit's rule), every method
+TOY_BASE = dict(TOY_FINE_TUNE, split="source", method="full", lr=3e-3, sample_every=0,
                 run_name="toy-base")
 SHARED = ("data", "data_path", "results_dir", "model", "image_size", "num_workers", "precision",
           "seed")  # what the base and the fine-tune share
 SAME_BASE = ("data", "split", "method", "model", "image_size", "vae", "global_batch_size", "lr",
              "ema_decay", "seed", "data_path", "max_steps")  # an earlier base to reuse must match
-TABLE = dict(data="taxa", model="DiT-T/4", image_size=32, max_steps=600, log_every=50,
-             sample_every=0)  # --table's defaults; --quick: 100 steps
+TABLE = dict(data="taxa", model="DiT-T/4", image_size=32, max_steps=600, base_steps=3000,
+             log_every=50, sample_every=0)  # --table's defaults; --quick: 100 steps, base 1000
 TABLE_SEEDS, TABLE_SHOWN = (0, 1), 8  # seeds a method; classes in the figure
 
 
 def toy_lr(args, method):
-    """--lr, else the toy's (not peft.METHODS'): full at the base's, the others 10x (DiffFit)."""
-    return args.lr if "lr" in args.given else BASE_LR if method == "full" else 10 * BASE_LR
+    """--lr, else the toy's (not peft.METHODS'): FINE_TUNE_LR for full, the others 10x."""
+    return args.lr if "lr" in args.given else FINE_TUNE_LR * (1 if method == "full" else 10)
 
 
 def own_flags(p):
     p.add_argument("--table", action="store_true", help="Table 1 in miniature, every method")
+    p.add_argument("--base-steps", type=cli.POSITIVE, help="the base's pre-training steps")
     p.add_argument("--quick", action="store_true", help="with --table: 100 steps a run, to try it")
     p.add_argument("--samples-per-class", type=cli.number(int, 2, 1000), default=4,
                    help="with --table: to judge")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     if args.table:
         if "method" in args.given:
             raise ValueError("--table fine-tunes every method: give it without --method")
-        table = dict(TABLE, max_steps=100) if args.quick else TABLE
+        table = dict(TABLE, max_steps=100, base_steps=1000) if args.quick else TABLE
         vars(args).update({k: v for k, v in table.items() if k not in args.given})
         if args.data in ("toy", "vegfru"):
             raise ValueError(f"--table scores accuracy at three ranks at least, and {args.data}'s "
@@ -96,9 +97,9 @@ def trained(settings, same, label):
 
 
 def toy_base(args):
-    """The base: trained from scratch on the source split for 2x --max-steps -> its checkpoint."""
+    """The base: trained from scratch on the source split for --base-steps -> its checkpoint."""
     base = {**vars(train.parse_args([])), **TOY_BASE, **{k: getattr(args, k) for k in SHARED},
-            "max_steps": 2 * args.max_steps}
+            "max_steps": args.base_steps}
     return trained(argparse.Namespace(**base), SAME_BASE, "toy base")
 
 
@@ -111,21 +112,44 @@ def judge_path(kind, data_path, split, image_size):
     return os.path.join(folder, f"judge-{kind}-{split}-{image_size}px.pt")
 
 
-def table_row(args, folder, judge, hierarchy, method, seed):
-    """One method at one seed: fine-tuned, sampled, judged -> {trains, numbers, accuracy, ...}."""
-    name, count = f"{method}-seed{seed}", args.samples_per_class * len(hierarchy.class_names)
-    settings = argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
-                                     "lr": toy_lr(args, method), "run_name": f"toy-{name}"})
-    checkpoint = trained(settings, SAME_BASE + ("ckpt",), f"{method} seed {seed}")
+def judge_of(args, split):
+    """The judge of a split's real images, trained once, reused while they are the same ones ->
+    (its path, the split's dataset, its hierarchy)."""
+    dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, split,
+                                           hflip=False)
+    judge = judge_path(args.data, args.data_path, split, args.image_size)
+    if not os.path.exists(judge):
+        evaluate.main(["judge", "--data", args.data, "--split", split, "--image-size",
+                       str(args.image_size), "--num-workers", str(args.num_workers), "--out",
+                       judge] + ["--data-path", args.data_path] * (args.data_path is not None))
+    elif evaluate.load_judge(judge)[1]["data"]["files"] != dataset.fingerprint():
+        raise ValueError(f"{judge} judges other images than the {args.data} {split} split now "
+                         f"in {args.data_path or 'cache/toy'}: move it away")
+    else:
+        print(f"judge: reusing {judge}")
+    return judge, dataset, hierarchy
+
+
+def judged(args, folder, judge, checkpoint, name, count):
+    """`count` samples of a checkpoint, every class alike, scored by the judge -> (scores, .npz)."""
     samples = sample.main(sample.parse_args([
         "--ckpt", checkpoint, "--num-samples", str(count), "--guidance", "default", "--sampler",
         "dpm++", "--num-sampling-steps", str(10 if args.quick else 20),  # DPM-Solver++, for all
         "--out", os.path.join(folder, SAMPLES_DIR, name)])) + ".npz"
     path = os.path.join(folder, "scores", f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    evaluate.main(["score", "--judge", judge, "--samples", samples, "--method", method,
-                   "--results", path])
-    saved, scores = read_checkpoint(checkpoint), data.read_json(path)["judge"]
+    evaluate.main(["score", "--judge", judge, "--samples", samples, "--results", path])
+    return data.read_json(path)["judge"], samples
+
+
+def table_row(args, folder, judge, hierarchy, method, seed):
+    """One method at one seed: fine-tuned, sampled, judged -> {trains, numbers, accuracy, ...}."""
+    name, count = f"{method}-seed{seed}", args.samples_per_class * len(hierarchy.class_names)
+    settings = argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
+                                     "lr": toy_lr(args, method), "run_name": f"toy-{name}"})
+    checkpoint = trained(settings, SAME_BASE + ("ckpt",), f"{method} seed {seed}")
+    scores, samples = judged(args, folder, judge, checkpoint, name, count)
+    saved = read_checkpoint(checkpoint)
     counts = parameter_table(saved.dit, hierarchy.class_to_superclass, {method: saved.options})
     speeds = [record["images_per_s"] for record in read_metrics(run_folder(checkpoint))]
     return dict(trains=next(row[3] for row in counts if row[0] == method), samples=samples,
@@ -134,9 +158,10 @@ def table_row(args, folder, judge, hierarchy, method, seed):
                          scores["fd_mean"], scores["diversity"]])
 
 
-def write_results(rows, held_out, folder):
-    """rows: {method: [table_row(), one per seed]} -> table.md, Table 1 in miniature (returned), and
-    accuracy.png: each rank's accuracy per method (mean over seeds) as bars, a group a method."""
+def write_results(rows, ceiling, held_out, folder):
+    """rows: {method: [table_row(), one per seed]}, the base's accuracy on its own source species ->
+    table.md, Table 1 in miniature (returned), and accuracy.png: each rank's accuracy per method
+    (mean over seeds) as bars, a group a method."""
     ranks = list(held_out)
     lines = ["| method | trains | train img/s | " + " | ".join(f"{r} acc.↑" for r in ranks)
              + " | judge FD↓ | FD per superclass↓ | diversity (1 = real) |",
@@ -148,7 +173,8 @@ def write_results(rows, held_out, folder):
                  for c, d in zip(cols, digits)]
         lines.append(f"| {method} | {seeds[0]['trains']:.2f}% | " + " | ".join(cells) + " |")
     chance = next(iter(rows.values()))[0]["chance"]
-    for name, values in (("real images (held out)", held_out), ("chance", chance)):
+    for name, values in (("base, on its source species", ceiling),
+                         ("real images (held out)", held_out), ("chance", chance)):
         lines.append(f"| {name} | | | {' | '.join(f'{values[r]:.3f}' for r in ranks)} | | | |")
     pathlib.Path(folder, "table.md").write_text("\n".join(lines) + "\n")
     colors = [(40, 90, 160), (90, 150, 210), (170, 200, 230), (200, 215, 235)]
@@ -173,24 +199,14 @@ def write_results(rows, held_out, folder):
 def table(args):
     """Table 1 in miniature -> its folder (table.md, table.png, accuracy.png, scores/, samples/)."""
     started = time.time()
-    dataset, hierarchy = data.load_dataset(args.data, args.data_path, args.image_size, args.split,
-                                           hflip=False)
-    if len(ranks := [rank for rank, _, _ in hierarchy.ranks()]) < 3:
-        raise ValueError(f"--table scores accuracy at three ranks at least, and {args.data} "
-                         f"{args.split} has {', '.join(ranks)}: use --data taxa, or a deeper tree")
     with open_run(args.results_dir, "toy-table") as lock:
         folder = os.path.dirname(lock.path)
         args.ckpt = args.ckpt or toy_base(args)
-        judge = judge_path(args.data, args.data_path, args.split, args.image_size)
-        if not os.path.exists(judge):  # made once, reused while its images are the same ones
-            evaluate.main(["judge", "--data", args.data, "--split", args.split, "--image-size",
-                           str(args.image_size), "--num-workers", str(args.num_workers), "--out",
-                           judge] + ["--data-path", args.data_path] * (args.data_path is not None))
-        elif evaluate.load_judge(judge)[1]["data"]["files"] != dataset.fingerprint():
-            raise ValueError(f"{judge} judges other images than the {args.data} {args.split} "
-                             f"split now in {args.data_path or 'cache/toy'}: move it away")
-        else:
-            print(f"judge: reusing {judge}")
+        # the ceiling: how well the base draws its own species, the most a fine-tune can reach
+        judge, _, source = judge_of(args, TOY_BASE["split"])
+        count = args.samples_per_class * len(source.class_names)
+        ceiling = judged(args, folder, judge, args.ckpt, "base-source", count)[0]["accuracy"]
+        judge, dataset, hierarchy = judge_of(args, args.split)
         runs = [(method, seed) for method in METHODS for seed in TABLE_SEEDS]
         rows, first = {method: [] for method in METHODS}, time.time()
         for i, (method, seed) in enumerate(runs):  # to go: at the pace of the runs so far
@@ -199,7 +215,8 @@ def table(args):
                   f"{cli.duration(time.time() - started)} so far"
                   + (f", about {to_go} to go" if i else ""))
             rows[method].append(table_row(args, folder, judge, hierarchy, method, seed))
-        markdown = write_results(rows, evaluate.load_judge(judge)[1]["held_out"], folder)
+        held_out = evaluate.load_judge(judge)[1]["held_out"]
+        markdown = write_results(rows, ceiling, held_out, folder)
         shown = np.linspace(0, len(hierarchy.class_names) - 1, TABLE_SHOWN).round().astype(int)
         real = [dataset.read(np.flatnonzero(dataset.labels == c)[0]) for c in shown]
         # each method's first seed: sample i is of class i mod C, so sample c is of class c

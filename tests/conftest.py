@@ -88,15 +88,16 @@ def toy_runs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def taxa(tmp_path_factory):
-    """The toy taxonomy (32 px), and a judge of its target split trained through the command line, kept where
-    toy.py --table looks for it."""
+    """The toy taxonomy (32 px), and judges of its source and target splits trained through the command line,
+    kept where toy.py --table looks for them."""
     import evaluate
     import toy
     root = tmp_path_factory.mktemp("taxa")
-    judge = toy.judge_path("taxa", str(root), "target", 32)
-    evaluate.main(["judge", "--data", "taxa", "--data-path", str(root), "--epochs", "6", "--num-workers", "0",
-                   "--out", judge])
-    return dict(root=root, judge=judge)
+    judges = {split: toy.judge_path("taxa", str(root), split, 32) for split in ("source", "target")}
+    for split, judge in judges.items():
+        evaluate.main(["judge", "--data", "taxa", "--data-path", str(root), "--split", split, "--epochs", "6",
+                       "--num-workers", "0", "--out", judge])
+    return dict(root=root, judge=judges["target"], source_judge=judges["source"])
 
 
 def write_tiny_vae(folder):

@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import data
@@ -15,12 +16,12 @@ from peft import METHODS
 
 
 def test_toy_is_one_command(toy_runs, tmp_path, monkeypatch, capsys):
-    """toy.py on a few steps: pre-trains a base (for twice the steps), fine-tunes it, and leaves a grid of every
+    """toy.py on a few steps: pre-trains a base (for --base-steps), fine-tunes it, and leaves a grid of every
     target class and the t-SNE in the run folder; a second toy.py, with another method, reuses the finished base.
     Runs are found by name afterwards, whatever else results/ holds."""
     monkeypatch.chdir(tmp_path)
     os.makedirs("results/000-something-else/checkpoints")  # another run, and a failed one, before ours
-    common = ["--model", "DiT-T/4", "--max-steps", "4", "--data-path", str(toy_runs["root"] / "data")]
+    common = ["--model", "DiT-T/4", "--max-steps", "4", "--base-steps", "8", "--data-path", str(toy_runs["root"] / "data")]
     run_dir = toy.main(toy.parse_args(common))
     base = os.path.join("results", "001-toy-base", "checkpoints", "0000008.pt")
     assert run_dir == os.path.join("results", "002-toy-finediffusion") and os.path.isfile(base)
@@ -53,10 +54,11 @@ def test_table_1_in_miniature_runs_to_the_end(taxa, tmp_path, monkeypatch, capsy
     """toy.py --table at its smallest: one base, every method at two seeds, sampled, judged (the judge of conftest,
     reused), then the markdown table, the figure of samples beside real images, and the accuracy bars."""
     monkeypatch.chdir(tmp_path)
-    judged = os.stat(taxa["judge"]).st_mtime_ns
-    folder = toy.main(toy.parse_args(["--table", "--quick", "--max-steps", "2", "--samples-per-class", "2",
+    judged = os.stat(taxa["judge"]).st_mtime_ns, os.stat(taxa["source_judge"]).st_mtime_ns
+    folder = toy.main(toy.parse_args(["--table", "--quick", "--max-steps", "2", "--base-steps", "4", "--samples-per-class", "2",
                                       "--data-path", str(taxa["root"])]))
-    assert folder == os.path.join("results", "000-toy-table") and os.stat(taxa["judge"]).st_mtime_ns == judged
+    assert folder == os.path.join("results", "000-toy-table") and judged == (
+        os.stat(taxa["judge"]).st_mtime_ns, os.stat(taxa["source_judge"]).st_mtime_ns)
     runs = [f"toy-{method}-seed{seed}" for method in METHODS for seed in toy.TABLE_SEEDS]
     assert sorted(os.listdir("results")) == ["000-toy-table", "001-toy-base"] + [
         f"{n:03d}-{run}" for n, run in enumerate(runs, 2)]
@@ -64,7 +66,10 @@ def test_table_1_in_miniature_runs_to_the_end(taxa, tmp_path, monkeypatch, capsy
     assert table[0].startswith("| method | trains | train img/s | fine acc.↑ | genus acc.↑ | superclass acc.↑ |")
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:]]
     rows = {row[0]: row[1:] for row in cells}
-    assert list(rows) == list(METHODS) + ["real images (held out)", "chance"]
+    assert list(rows) == list(METHODS) + ["base, on its source species", "real images (held out)", "chance"]
+    ceiling = json.loads(open(os.path.join(folder, "scores", "base-source.json")).read())["judge"]
+    assert rows["base, on its source species"][2:5] == [f"{v:.3f}" for v in ceiling["accuracy"].values()]
+    assert ceiling["chance"]["fine"] == pytest.approx(1 / 96)  # judged against the 96 source species
     percent = {method: float(cells[0].rstrip("%")) for method, cells in list(rows.items())[:len(METHODS)]}
     assert percent["finediffusion"] < percent["lora"] < percent["diffscaler"] < percent["full"]
     assert rows["chance"][2:5] == [f"{1 / 120:.3f}", f"{1 / 20:.3f}", f"{1 / 5:.3f}"]

@@ -167,7 +167,7 @@ def test_a_real_process_prints_one_line(bad_files, tmp_path, script, argv):
     assert os.listdir(tmp_path) == []
 
 
-SCRIPT_FILES = ["train.py", "sample.py", "evaluate.py", "bench.py", "toy.py", "fullsize.py"]
+SCRIPT_FILES = ["train.py", "sample.py", "evaluate.py", "bench.py", "toy.py", "tests/fullsize.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPT_FILES)

@@ -2,18 +2,22 @@
 The full-size path, end to end on any machine, a CPU too: DiT-XL/2 at 256 px fine-tuned with
 FineDiffusion on iNat 2021's 10,000 classes in 11 superclasses, by the commands users run.
 
-    python fullsize.py     # into a new folder fullsize-check/ (20-25 min on 2 CPU cores, 12 GiB)
+    python tests/fullsize.py   # into a new folder fullsize-check/ (20-25 min on 2 CPU cores, 12 GiB)
 
 Random weights in the real formats; train.py on 2 processes (latent cache, bf16, compile) to step 2;
-its resume from step 1, bit for bit; sample.py from the delta. It proves the path, not quality.
+its resume from step 1, bit for bit; sample.py from the delta. It proves the path, not quality: a
+test too slow for the suite, run by hand.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
+sys.path.insert(0, ROOT)
 import cli  # first: a quiet Ctrl-C while torch loads
 
 import itertools
 import json
-import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -32,7 +36,6 @@ TAXA = {"Amphibians": "Animalia_Chordata_Amphibia", "Animalia": "Animalia_Anneli
         "Plants": "Plantae_Tracheophyta_Magnoliopsida", "Reptiles": "Animalia_Chordata_Reptilia",
         "Ray-finned Fishes": "Animalia_Chordata_Actinopterygii"}
 NUM_CLASSES, PAPER_PERCENT = 10_000, 1.77
-ROOT = os.path.dirname(os.path.abspath(__file__))
 MEASURED = ("import pathlib, resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
             "usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
             "pathlib.Path(sys.argv[1]).write_text(str(usage.ru_maxrss)); sys.exit(code)")  # (POSIX)

@@ -1,5 +1,4 @@
-"""
-Speed and memory of every fine-tuning method, measured in one run so the ratios are fair:
+"""Speed and memory of every fine-tuning method, measured in one run so the ratios are fair:
 
     python bench.py --model DiT-XL/2 --image-size 256 --batch-size 32         # on a GPU
     python bench.py --model DiT-S/4 --image-size 64 --batch-size 8 --steps 5  # on a CPU
@@ -70,9 +69,8 @@ def build(args, method, merged=False):
     model = DiT(**args.config).to(DEVICE)
     model = model if method == "base" else prepare(model, method, PARENTS)
     model = merge(model).eval() if merged else model
-    n, size = args.batch_size, model.input_size
-    z = torch.randn(n, model.in_channels, size, size, device=DEVICE)
-    return model, z, torch.randint(0, model.y_embedder.num_classes, (n,), device=DEVICE)
+    z = torch.randn(args.batch_size, model.in_channels, *[model.input_size] * 2, device=DEVICE)
+    return model, z, torch.randint(0, model.y_embedder.num_classes, z.shape[:1], device=DEVICE)
 
 
 def markdown(header, rows):
@@ -105,10 +103,10 @@ def peak_memory(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# Measured: training steps (a fresh process per method, so that peaks do not mix), sampling
+# Measured: training steps (a fresh process per method), sampling
 
 def train_step_worker(args, method, queue):
-    """One method in its own process: seconds per training step and peak memory in GiB."""
+    """One method in a fresh process (so that peaks do not mix): seconds per step, peak GiB."""
     precision = precision_for(DEVICE, args.precision)
     model, x, y = build(args, method)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4,
@@ -149,13 +147,11 @@ def training_table(args):
 
 def sampling_tables(args):
     """Guided DDPM steps of the base DiT and each merged method; each sampler on FineDiffusion."""
-    autocast = lambda: torch.autocast(DEVICE.type, torch.bfloat16, enabled=CUDA)
     if args.sample_steps:
-        rates = {}
-        methods = ["base"] + [m for m in args.methods if m != "full"]
+        rates, methods = {}, ["base"] + [m for m in args.methods if m != "full"]
         for method in tqdm(methods, desc="guided sampling", leave=False):
             model, z, labels = build(args, method, merged=True)
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=CUDA):
                 run = lambda: sample(model, z, labels, steps=args.sample_steps, progress=False)
                 rates[method] = args.batch_size * args.sample_steps / timed(run, 1)
         rows = [[m, f"{rate:.1f}", f"{rate / rates['base']:.2f}x"] for m, rate in rates.items()]
@@ -165,7 +161,7 @@ def sampling_tables(args):
         model, z, labels = build(args, "finediffusion", merged=True)
         calls, measured = [], {}
         model.register_forward_pre_hook(lambda module, x: calls.append(1))
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=CUDA):
             sample(model, z, labels, steps=4, progress=False)  # warm-up
             for name in tqdm(args.samplers, desc="samplers", leave=False):
                 calls.clear()
@@ -216,8 +212,7 @@ def counted_work(config, method):
 
 def estimates_markdown(args):
     """--estimates: counted work per method, then each GPU's batch in 90% of memory and images/s."""
-    methods = tqdm(args.methods, desc="counting", leave=False)
-    work = {method: counted_work(args.config, method) for method in methods}
+    work = {m: counted_work(args.config, m) for m in tqdm(args.methods, "counting", leave=False)}
     counted = [[method, f"{100 * w['trainable']:.2f}%", f"{w['forward'] / 1e9:,.1f}",
                 f"{w['backward'] / 1e9:,.1f}", *(f"{w[k] / 2**30:.2f} GiB" for k in STATE),
                 f"{w['activations'] / 2**20:,.0f} MiB"] for method, w in work.items()]

@@ -5,9 +5,6 @@
         log.txt, metrics.jsonl   what train.py said; each logged step's metrics (read_metrics)
         samples/                 grids and bulk samples (sample i is of class i mod C)
         lock                     while a process writes the run: who it is (Lock)
-
-A name stands for its newest run, a run for its newest checkpoint (find_checkpoint). Every file
-is written to a .tmp and renamed when complete.
 """
 import contextlib
 import dataclasses
@@ -37,7 +34,6 @@ METRICS_FILE, LOG_FILE, LOCK_FILE = "metrics.jsonl", "log.txt", "lock"
 # Plain files: JSON a user gives, atomic writes, the samples' classes, fingerprints
 
 def read_json(path):
-    """A JSON file a user gave; a folder or a file that does not parse: a ValueError naming it."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder: a JSON file is expected here")
     with open(path) as f:
@@ -64,7 +60,6 @@ def write_atomically(path, write, size=None):
 
 
 def sample_classes(count, num_classes):
-    """The classes of `count` bulk samples: sample i is of class i mod C."""
     return np.arange(count) % num_classes
 
 
@@ -73,8 +68,7 @@ def fingerprint(tensors):
     digest = hashlib.sha256()
     for name, tensor in tensors.items():
         if torch.is_tensor(tensor):
-            tensor = tensor.detach().cpu().contiguous()
-            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         else:
             tensor = data = np.ascontiguousarray(tensor)  # hashed through the buffer protocol
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
@@ -155,22 +149,19 @@ def read_safetensors(path):
     data, tensors = memoryview(blob)[8 + header_size:], {}
     for name, info in header.items():
         fields = info if isinstance(info, dict) else {}
-        shape, offsets = fields.get("shape"), fields.get("data_offsets")
-        if not (fields.get("dtype") in SAFETENSORS_DTYPES and isinstance(shape, list)
-                and isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) and n >= 0 for n in shape + offsets)):
+        dtype, shape, span = (fields.get(k) for k in ("dtype", "shape", "data_offsets"))
+        if not (dtype in SAFETENSORS_DTYPES and isinstance(shape, list) and isinstance(span, list)
+                and len(span) == 2 and all(isinstance(n, int) and n >= 0 for n in shape + span)):
             raise ValueError(f"{bad} bad header entry for {name!r}: {info!r} (supported dtypes: "
                              f"{', '.join(SAFETENSORS_DTYPES)})")
-        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], offsets
+        dtype, (begin, end) = SAFETENSORS_DTYPES[dtype], span
         if not begin <= end <= len(data):
-            raise ValueError(f"{bad} {name!r} has data_offsets [{begin}, {end}] outside the "
-                             f"{len(data)} data bytes (truncated?)")
+            raise ValueError(f"{bad} {name!r} lies outside the {len(data)} data bytes (truncated?)")
         size = math.prod(shape) * dtype.itemsize
         if end - begin != size:
             raise ValueError(f"{bad} {name!r} has {end - begin} bytes, not {size} (shape {shape})")
-        # bytearray: a fresh, aligned, writable copy for the tensor to own
-        tensors[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-                         if size else torch.empty(shape, dtype=dtype))
+        tensors[name] = torch.empty(shape, dtype=dtype)
+        tensors[name].view(-1).view(torch.uint8).numpy()[:] = data[begin:end]  # its bytes, copied
     spans = sorted((*info["data_offsets"], name) for name, info in header.items())
     for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
@@ -225,46 +216,38 @@ def dit_state_dict(checkpoint, weights="ema"):
     return next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), checkpoint)
 
 
-def heads_for_width(hidden_size):
-    """A file records no heads: its width's in DIT_CONFIGS (XL: 16), else one per 64 channels."""
-    by_width = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}
-    return by_width.get(hidden_size, max(1, hidden_size // 64))
-
-
 def read_dit_shape(state_dict, source="this file"):
-    """The architecture a DiT state dict's shapes say (heads by heads_for_width)."""
+    """The architecture a DiT state dict's shapes say (input_size None: it has no pos_embed)."""
     if not isinstance(state_dict, dict) or "x_embedder.proj.weight" not in state_dict:
         keys = (f"keys {list(state_dict)[:5]}" if isinstance(state_dict, dict)
                 else f"a {type(state_dict).__name__}")
         raise ValueError(f"{source} is not a DiT checkpoint: it holds {keys}, not a state dict "
                          f"with x_embedder.proj.weight. {DIT_SOURCE}")
-    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    hidden, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     out = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
-    pos_embed = state_dict.get("pos_embed")  # fixed, so a file may leave it out
-    grid = int(pos_embed.shape[1] ** 0.5) if pos_embed is not None else None
+    grid = int(state_dict["pos_embed"].shape[1] ** 0.5) if "pos_embed" in state_dict else None
+    heads = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}  # files record none
     return dict(depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
-                hidden_size=hidden, patch_size=patch, in_channels=in_channels,
-                num_heads=heads_for_width(hidden), learn_sigma=out == 2 * in_channels,
+                hidden_size=hidden, patch_size=patch, in_channels=channels,
+                num_heads=heads.get(hidden, max(1, hidden // 64)), learn_sigma=out == 2 * channels,
                 mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                 input_size=grid and grid * patch, table_rows=state_dict[LABEL_TABLE_KEY].shape[0],
                 norm_affine="final_layer.norm_final.weight" in state_dict)
 
 
 def dit_name(shape):
-    """The DIT_CONFIGS name of an architecture (a config or read_dit_shape's), or None."""
     return next((name for name, c in DIT_CONFIGS.items()
                  if all(shape[k] == c[k] for k in ("depth", "hidden_size", "patch_size"))), None)
 
 
 def describe_dit(shape):
     """One line a user can act on: which model, image size and label table a DiT fits."""
-    side = shape["input_size"]
+    side, name = shape["input_size"], dit_name(shape) or "a DiT of another shape"
     size = ("any image size" if side is None else f"{side * 8} px images"
             if shape["in_channels"] == 4 else f"{side} px in pixel space")
-    return (f"{dit_name(shape) or 'a DiT of another shape'} (depth {shape['depth']}, hidden "
-            f"{shape['hidden_size']}, patch {shape['patch_size']}), {size}, {shape['table_rows']} "
-            f"label rows (ImageNet's: 1000 + null), {'affine' if shape['norm_affine'] else 'plain'}"
-            f" LayerNorms")
+    return (f"{name} (depth {shape['depth']}, hidden {shape['hidden_size']}, patch "
+            f"{shape['patch_size']}), {size}, {shape['table_rows']} label rows (ImageNet's: 1000 + "
+            f"null), {'affine' if shape['norm_affine'] else 'plain'} LayerNorms")
 
 
 def load_dit_weights(model, state_dict, source="the checkpoint"):
@@ -280,8 +263,7 @@ def load_dit_weights(model, state_dict, source="the checkpoint"):
 
 def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None, num_heads=None,
              weights="ema"):
-    """The DiT of any shape a file (a path, or what was read from `source`) holds, resized to
-    input_size; a FineDiffusion table is split by class_to_superclass."""
+    """Any DiT in a file (a path, or contents read from `source`), resized to input_size."""
     if isinstance(checkpoint, (str, os.PathLike)):
         source, checkpoint = checkpoint, load_state_dict_file(checkpoint)
     state_dict = dit_state_dict(checkpoint, weights)
@@ -298,9 +280,8 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
         config.update(num_classes=rows - 1)
     elif parents is None or rows - len(parents) < superclass_count(parents):
         given = "" if parents is None else f" (not one of {len(parents)} classes)"
-        raise ValueError(f"{source} holds a FineDiffusion table of {rows} rows (classes, then "
-                         f"superclasses): its class list is needed{given}, a hierarchy JSON or "
-                         f"iNat's train_mini.json")
+        raise ValueError(f"{source}: a FineDiffusion table of {rows} rows (classes, superclasses); "
+                         f"its class list is needed{given}: a hierarchy JSON or train_mini.json")
     else:  # official FineDiffusion: [fine | superclass] rows, no null row
         config.update(num_classes=len(parents), num_superclasses=rows - len(parents),
                       class_to_superclass=parents, null_row=False)
@@ -312,27 +293,23 @@ def load_dit(checkpoint, source=None, input_size=None, class_to_superclass=None,
 
 SD_VAE_SOURCE = ("Get the Stable Diffusion VAE from https://huggingface.co/stabilityai/sd-vae-ft-"
                  "ema or sd-vae-ft-mse: diffusion_pytorch_model.safetensors (.bin), config.json.")
-# older diffusers checkpoints name the attention projections query/key/value/proj_attn
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def load_vae_state_dict(vae, state_dict, source="state dict"):
-    """load_checked for a VAE (on meta: it takes the tensors), legacy attention names renamed."""
+    """load_checked for a VAE (on meta: it takes the tensors), older diffusers' names renamed."""
     legacy = re.compile(r"(\battentions\b.*\.)(query|key|value|proj_attn)(\.[^.]*)$")
     renamed = {legacy.sub(lambda m: m[1] + LEGACY_ATTENTION_NAMES[m[2]] + m[3], key): value
                for key, value in state_dict.items()}
-    return load_checked(vae, renamed, source, SD_VAE_SOURCE,
-                        assign=vae.encoder.conv_in.weight.is_meta)
+    return load_checked(vae, renamed, source, SD_VAE_SOURCE, assign=next(vae.parameters()).is_meta)
 
 
 def load_vae(path, device="cpu"):
     """A diffusers VAE folder or weights file, configured by a config.json beside it, else SD's."""
-    names = [os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin")]
-    weights = next((c for c in (names if os.path.isdir(path) else [path]) if os.path.isfile(c)),
-                   None)
-    if weights is None:
-        raise FileNotFoundError(f"no VAE at {path} (a folder holds diffusion_pytorch_model"
-                                f".safetensors or .bin). {SD_VAE_SOURCE}")
+    names = ([os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin")]
+             if os.path.isdir(path) else [path])
+    if (weights := next(filter(os.path.isfile, names), None)) is None:
+        raise FileNotFoundError(f"no VAE at {path}. {SD_VAE_SOURCE}")
     config_path = os.path.join(os.path.dirname(weights), "config.json")
     config = read_json(config_path) if os.path.isfile(config_path) else {}
     state_dict = load_state_dict_file(weights)
@@ -370,26 +347,21 @@ class Checkpoint:
     settings: dict = None  # train.py's flags, {name: value}
 
     def tensors(self, weights="ema"):
-        """The trained tensors: "ema", their moving average (what sampling uses), or "raw"."""
         return self.ema if weights == "ema" else self.model
 
 
 def save_checkpoint(path, checkpoint):
-    """Write a Checkpoint atomically (write_atomically)."""
     contents = dict(format=FORMAT, **vars(checkpoint))  # vars: no copy of the tensors
     try:
         write_atomically(path, lambda f: torch.save(contents, f), nbytes(contents))
-    except OSError as error:
-        raise OSError(f"{error}; earlier checkpoints are untouched, so the run resumes from its "
-                      f"newest once there is space") from None
+    except OSError as e:
+        raise OSError(f"{e}; earlier checkpoints are untouched: free space and resume") from None
 
 
 def nbytes(contents):
-    """The bytes of every tensor in nested dicts and lists."""
-    if torch.is_tensor(contents):
-        return contents.numel() * contents.element_size()
-    values = contents.values() if isinstance(contents, dict) else contents
-    return sum(map(nbytes, values)) if isinstance(contents, (dict, list, tuple)) else 0
+    if isinstance(contents, (dict, list, tuple)):
+        return sum(map(nbytes, contents.values() if isinstance(contents, dict) else contents))
+    return contents.numel() * contents.element_size() if torch.is_tensor(contents) else 0
 
 
 def as_checkpoint(contents, source):
@@ -406,22 +378,19 @@ def as_checkpoint(contents, source):
 
 
 def read_checkpoint(path):
-    """A train.py checkpoint file -> Checkpoint."""
     if (checkpoint := as_checkpoint(load_state_dict_file(path), path)) is None:
         raise ValueError(f"{path} is not a checkpoint of train.py")
     return checkpoint
 
 
 def load_base(path, input_size=None, num_heads=None):
-    """A base to fine-tune from any DiT or train.py file -> (model, {path, sha256})."""
     model, _ = load_model(path, input_size=input_size, num_heads=num_heads)
     return model, dict(path=os.path.abspath(path), sha256=fingerprint(model.state_dict()))
 
 
 def load_model(path, base=None, class_to_superclass=None, input_size=None, num_heads=None,
                weights="ema", merged=True):
-    """Any checkpoint file -> (model, Checkpoint or None): a train.py one is its base (`base` or the
-    one it names, checked by fingerprint), peft.prepare, its tensors, then peft.merge if merged."""
+    """Any checkpoint -> (model, Checkpoint or None); train.py's: base, prepare, tensors, merge."""
     if (checkpoint := as_checkpoint(contents := load_state_dict_file(path), path)) is None:
         model = load_dit(contents, path, input_size, class_to_superclass, num_heads, weights)
         return finite(model, path), None
@@ -434,27 +403,22 @@ def load_model(path, base=None, class_to_superclass=None, input_size=None, num_h
     else:
         base, recorded = base or checkpoint.base["path"], checkpoint.base
         if not os.path.isfile(base):
-            raise FileNotFoundError(f"{path} holds only what {checkpoint.method} trained on its "
-                                    f"base {base}, which is not there (moved?): give its new "
-                                    f"path (sample.py --base; train.py --resume with --ckpt)")
-        model, _ = load_model(base, input_size=dit["input_size"], num_heads=dit["num_heads"])
-        sha256 = fingerprint(model.state_dict())
-        if sha256 != recorded["sha256"] or model.config != dit:
-            raise ValueError(f"{base} is not the base {path} was trained on (that was "
-                             f"{recorded['path']}, sha256 {recorded['sha256'][:16]}...; this one "
-                             f"has {sha256[:16]}...)")
+            raise FileNotFoundError(f"{path} needs its base {base}, which is not there (moved?): "
+                                    f"give it: sample.py --base; train.py --resume with --ckpt")
+        model, found = load_base(base, dit["input_size"], dit["num_heads"])
+        if found["sha256"] != recorded["sha256"] or model.config != dit:
+            raise ValueError(f"{base} is not the base {path} was trained on ({recorded['path']}, "
+                             f"sha256 {recorded['sha256'][:16]}..., not {found['sha256'][:16]}...)")
     prepare(model, checkpoint.method, **checkpoint.options)
     tensors, expected = checkpoint.tensors(weights), set(trainable_state_dict(model))
-    if set(tensors) != expected:
+    if (keys := set(tensors)) != expected:
         raise ValueError(f"{path}: its tensors do not match method {checkpoint.method}: missing "
-                         f"{sorted(expected - set(tensors))[:5]}, unexpected "
-                         f"{sorted(set(tensors) - expected)[:5]}")
+                         f"{sorted(expected - keys)[:5]}, unexpected {sorted(keys - expected)[:5]}")
     model.load_state_dict(tensors, strict=False)
     return finite(merge(model) if merged else model, path).resize(input_size), checkpoint
 
 
 def finite(model, path):
-    """The model, if its every weight is finite (one saved after training diverged is not)."""
     if bad := [name for name, t in model.state_dict().items()
                if t.is_floating_point() and not torch.isfinite(t).all()]:
         raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({bad[0]}, "
@@ -502,38 +466,32 @@ def create_run_folder(results_dir, name):
     while True:
         taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
         run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(run_dir)
-        except FileExistsError:
-            continue
-        os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
-        return run_dir
+            break
+    os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
+    return run_dir
 
 
 def checkpoint_file(run_dir, step):
-    """Where train.py saves a run's checkpoint of `step`."""
     return os.path.join(run_dir, CHECKPOINTS_DIR, f"{step:07d}.pt")
 
 
 def saved_checkpoints(run_dir):
-    """A run folder's checkpoint files, the lowest step first."""
     return sorted(glob.glob(os.path.join(glob.escape(run_dir), CHECKPOINTS_DIR, "*.pt")))
 
 
 def run_folder(path):
-    """The run folder a checkpoint file lies in, or None outside one."""
     folder = os.path.dirname(os.path.abspath(path))
     return os.path.dirname(folder) if os.path.basename(folder) == CHECKPOINTS_DIR else None
 
 
 def run_names(results_dir):
-    """The names of the run folders NNN-<name> in results_dir."""
     listed = os.listdir(results_dir) if os.path.isdir(results_dir) else []
     return [e for e in listed if e.split("-", 1)[0].isdigit() and "-" in e]
 
 
 def named_runs(name, results_dir="results"):
-    """The run folders results_dir/NNN-<name> that hold a checkpoint, the highest NNN first."""
     runs = sorted((e for e in run_names(results_dir) if e.split("-", 1)[1] == name),
                   key=lambda e: -int(e.split("-", 1)[0]))
     return [run for e in runs if saved_checkpoints(run := os.path.join(results_dir, e))]
@@ -544,8 +502,7 @@ def find_checkpoint(path=None, results_dir="results"):
     if path is None:
         found = glob.glob(os.path.join(glob.escape(results_dir), "*", CHECKPOINTS_DIR, "*.pt"))
         if not found:
-            raise FileNotFoundError(f"no checkpoint under {results_dir}/: train one (python "
-                                    f"toy.py) or give one")
+            raise FileNotFoundError(f"no checkpoint under {results_dir}/: run toy.py or give one")
         return max(found, key=os.path.getmtime)
     if not os.path.exists(path):
         if not (runs := named_runs(path, results_dir)):
@@ -571,14 +528,12 @@ def continued_run(resume):
 
 
 def lock_run(folder):
-    """The Lock by which one process at a time writes a run folder."""
     return Lock(os.path.join(folder, LOCK_FILE), f"the run {folder}")
 
 
 def open_run(results_dir, name, resume=None):
     """The Lock (.path: folder/lock) of the run a resume continues (temporaries removed), or new."""
-    folder = continued_run(resume) if resume else None
-    if folder:
+    if resume and (folder := continued_run(resume)):
         lock = lock_run(folder)
         if continued_run(resume) == folder:  # still its newest, now that no one else writes there
             remove_temporaries(os.path.join(glob.escape(folder), CHECKPOINTS_DIR, "*.tmp"))

@@ -155,8 +155,7 @@ def by_rank_zero(work):
 
 
 def run(main):
-    """A script's entry point: a ValueError, OSError or SystemExit(message) is said in one line
-    (by rank 0) and exits 1, Ctrl-C 130; a traceback is our bug."""
+    """Runs main: ValueError, OSError, SystemExit(text): one line (rank 0), exit 1; Ctrl-C 130."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()

@@ -5,8 +5,7 @@ load_dataset(kind, path, image_size, split) -> (ImageDataset, Hierarchy), kind o
     vegfru  VegFru: path/{veg200,fru92}_images/<class>/*.jpg, path/vegfru_list/vegfru_<split>.txt
     folder  path/<superclass>/<class>/*.jpg, or deeper (path/<superclass>/<group>/<class>/)
     toy     drawn with pillow from a seed (path/source, path/target); taxa: the same, three ranks
-Item i is (image i // 2 (3, H, W) in [-1, 1], mirrored when i is odd; fine label): a seeded sampler
-alone decides what a step sees (exact resume).
+Item i is (image i // 2 (3, H, W) in [-1, 1], mirrored if i is odd; fine label): no random flips.
 """
 import colorsys
 import difflib
@@ -44,9 +43,7 @@ def name_key(name):
 
 
 class Hierarchy:
-    """Fine classes (0..C-1), superclasses (0..S-1), each class's superclass, and where the data has
-    them the ranks between: `levels`, finest first, dicts (name, group_names, class_to_group)."""
-
+    """Fine classes in superclasses, and `levels`: the ranks between them, finest first."""
     def __init__(self, class_names, superclass_names, class_to_superclass, common_names=None,
                  levels=()):
         self.class_names = [str(n) for n in class_names]
@@ -87,8 +84,7 @@ class Hierarchy:
     def from_dict(cls, d):
         keys = ["class_names", "superclass_names", "class_to_superclass"]
         if not (isinstance(d, dict) and all(k in d for k in keys)):
-            raise ValueError(f"not a class hierarchy, a dict of {keys} (expected a train.py "
-                             f"checkpoint's, Hierarchy.to_json's or iNat's train_mini.json)")
+            raise ValueError(f"not a class hierarchy: a dict of {keys} (a checkpoint's or iNat's)")
         return cls(*(d[k] for k in keys), d.get("common_names"), d.get("levels", ()))
 
     def to_json(self, path):
@@ -175,8 +171,7 @@ def to_pixels(x, vae=None):
 
 
 def save_grid(images, path, cols=None, row_names=None, titles=None):
-    """(N, H, W, 3) uint8 -> one PNG, `cols` a row (default: a square) -> each image's top-left
-    (x, y). titles head equal groups of columns; a labelled grid enlarges images under 48 px."""
+    """(N, H, W, 3) uint8 -> a PNG, `cols` a row, titles heading equal column groups -> corners."""
     n, h, w, _ = images.shape
     zoom = max(1, math.ceil(48 / h)) if row_names or titles else 1
     h, w = h * zoom, w * zoom
@@ -248,8 +243,7 @@ class ImageDataset(Dataset):
             if why is None:
                 return to_tensor(pixels[:, ::-1] if flip else pixels), int(self.labels[k])
             self.skip(k, why)
-        raise ValueError(f"no image under {self.root} can be read (e.g. "
-                         f"{next(iter(self.skipped.items()))}): give images pillow reads")
+        raise ValueError(f"no image under {self.root} can be read: give images pillow reads")
 
     def skip(self, j, reason):
         self.skipped[str(self.files[j])] = reason
@@ -279,24 +273,19 @@ def subfolders(folder):
 
 def load_folder(root, image_size, hflip=True, rank_names=None):
     """Every class at one depth, the folders between ranks; empty folders left out, said once."""
-    paths = [(name,) for name in subfolders(root)]
-    while True:  # one level deeper while there are no images here and folders below
+    paths, found = [(name,) for name in subfolders(root)], []
+    while paths and not any(images for _, images in found):  # one level deeper, till images
         paths = [p + (n,) for p in paths for n in subfolders(os.path.join(root, *p))]
         found = [(path, list_images(os.path.join(root, *path))) for path in paths]
-        if any(images for _, images in found) or not any(
-                subfolders(os.path.join(root, *p)) for p in paths):
-            break
     if not (classes := [(path, images) for path, images in found if images]):
         raise FileNotFoundError(f"no images in {root}: expected {root}/<superclass>/<class>/*.jpg")
     superclass_names = list(dict.fromkeys(path[0] for path, _ in classes))  # sorted, as subfolders
     empty = [os.path.join(*path) for path, images in found if not images]
     if (dropped := sorted(set(subfolders(root)) - set(superclass_names))) or empty:
-        print(f"data: left out {len(empty)} class folders without images ({', '.join(empty[:5])})"
-              f" and {len(dropped)} superclasses without classes ({', '.join(dropped[:5])}) of "
-              f"{root}", file=sys.stderr)
+        print(f"data: {root}: left out {len(empty)} class folders without images {empty[:5]} and "
+              f"{len(dropped)} superclasses without classes {dropped[:5]}", file=sys.stderr)
     depth = len(classes[0][0])
-    rank_names = rank_names or (["group"] if depth == 3
-                                else [f"group {k}" for k in range(1, depth - 1)])
+    rank_names = rank_names or [f"group {k}" if depth > 3 else "group" for k in range(1, depth - 1)]
     levels = [rank_level(name, [path[:k + 1] for path, _ in classes])  # finest rank first
               for k, name in zip(range(depth - 2, 0, -1), rank_names[::-1])]
     images = [(os.path.join(*path, f), y) for y, (path, names) in enumerate(classes) for f in names]
@@ -318,8 +307,7 @@ INAT_FOLDER = "NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_epithet"
 
 
 def inat_category(dir_name):
-    """'00412_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus' -> its category
-    as the JSON has it (id, name, supercategory, ranks, image_dir_name), or None."""
+    """'00412_Animalia_..._Danaus_plexippus' -> its category as iNat's JSON has it, or None."""
     parts = dir_name.split("_", 7)
     if len(parts) != 8 or not parts[0].isdigit():
         return None
@@ -336,8 +324,7 @@ def check_inat_json(meta, path, parts=tuple(INAT_JSON_KEYS)):
     for part in parts:
         entries = meta.get(part) if isinstance(meta, dict) else None
         if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected iNat 2021's JSON, which has a list {part!r} "
-                             f"({INAT_SOURCE})")
+            raise ValueError(f"{path}: not iNat's JSON, which has a list {part!r} ({INAT_SOURCE})")
         keys = INAT_JSON_KEYS[part]
         if lacking := [e for e in entries if not (isinstance(e, dict) and set(keys) <= set(e))]:
             raise ValueError(f"{path}: every entry of {part!r} needs the keys {list(keys)}; one is "
@@ -365,8 +352,7 @@ def load_inat(root, split, image_size, hflip=True):
     on_disk = subfolders(folder) if os.path.isdir(folder) else None
     if not os.path.isfile(json_path):  # folders only: the categories their names give
         if on_disk is None:
-            raise FileNotFoundError(f"no iNat split {split!r} in {root}: expected {folder}/ (class "
-                                    f"folders {INAT_FOLDER}) and {json_path}; {INAT_SOURCE}")
+            raise FileNotFoundError(f"neither {folder}/ nor {json_path} exists: {INAT_SOURCE}")
         bad = [d for d in on_disk if inat_category(d) is None]
         if bad or not on_disk:
             raise ValueError(f"{folder}: class folders must be named {INAT_FOLDER}, found "
@@ -379,8 +365,7 @@ def load_inat(root, split, image_size, hflip=True):
 
     meta = read_json(json_path)
     if isinstance(meta, dict) and "annotations" not in meta:
-        raise ValueError(f"{json_path} has no annotations (iNat's test split is unlabelled): "
-                         "use train_mini, train or val")
+        raise ValueError(f"{json_path}: no annotations (test split): use train_mini, train or val")
     check_inat_json(meta, json_path)
     categories = sorted(meta["categories"], key=lambda c: c["id"])
     dir_names = [c.get("image_dir_name", "") for c in categories]
@@ -410,10 +395,9 @@ def load_inat(root, split, image_size, hflip=True):
 
 
 # -------------------------------------------------------------------------------------------------
-# VegFru: vegfru_list/vegfru_<split>.txt lines '<image path> <label 0..291>', supvegfru_*.txt the
-# superclass ids 0..24; the file names v_SS_CC_NNNN.jpg (f_ for fruit) name superclass SS.
+# VegFru: vegfru_list/vegfru_<split>.txt lines '<image path> <label 0..291>', supvegfru_* ids 0..24.
 
-VEGFRU_FILE = re.compile(r"([vf])_(\d+)_\d+_\d+\.\w+$")
+VEGFRU_FILE = re.compile(r"([vf])_(\d+)_\d+_\d+\.\w+$")  # v_SS_CC_NNNN.jpg: superclass SS
 
 
 def load_vegfru(root, split, image_size, hflip=True):
@@ -422,8 +406,7 @@ def load_vegfru(root, split, image_size, hflip=True):
     parts = ["train", "val"] if split == "trainval" else [split]
     paths = [os.path.join(lists, f"vegfru_{p}.txt") for p in parts]
     if not all(map(os.path.isfile, paths)):
-        raise FileNotFoundError(f"no VegFru split {split!r} in {root}: expected {', '.join(paths)} "
-                                f"beside veg200_images/ and fru92_images/; {VEGFRU_SOURCE}")
+        raise FileNotFoundError(f"no VegFru split {split!r}: missing {paths}; {VEGFRU_SOURCE}")
 
     def read_lists(prefix, splits):  # {split: [(image path, id)]} of the lists present
         files = {p: Path(lists, f"{prefix}_{p}.txt") for p in splits}
@@ -431,8 +414,7 @@ def load_vegfru(root, split, image_size, hflip=True):
                                                    f.read_text().splitlines() if line.strip())]
                 for p, f in files.items() if f.is_file()}
 
-    # the class table from every list present, so the hierarchy does not depend on the split
-    all_lists = read_lists("vegfru", ("train", "val", "test"))
+    all_lists = read_lists("vegfru", ("train", "val", "test"))  # all: one table for every split
     sup_lists = read_lists("supvegfru", all_lists)
     class_of_label, group_of_label, sup_of_label = {}, {}, {}
     for p, entries in all_lists.items():
@@ -445,37 +427,33 @@ def load_vegfru(root, split, image_size, hflip=True):
                 if table.setdefault(label, value) != value:
                     raise ValueError(f"{lists}: label {label} appears with {table[label]!r} and "
                                      f"{value!r} ({path})")
-    if sorted(class_of_label) != list(range(num_classes := len(class_of_label))):
-        raise ValueError(f"{lists}: labels must be 0..{num_classes - 1}")
-    groups = [group_of_label[i] for i in range(num_classes)]  # 'veg_01', ...; None: another name
+    if sorted(class_of_label) != list(range(count := len(class_of_label))):
+        raise ValueError(f"{lists}: labels must be 0..{count - 1}")
+    groups = [group_of_label[i] for i in range(count)]  # 'veg_01', ...; None: another name
     if sup_lists:  # superclass ids from the lists, named by the file-name code they carry
-        superclass_of = [sup_of_label[i] for i in range(num_classes)]
+        superclass_of = [sup_of_label[i] for i in range(count)]
         if (ids := sorted(set(superclass_of))) != list(range(len(ids))):
             raise ValueError(f"{lists}: supvegfru_*.txt superclass ids must be 0..{len(ids) - 1}")
         codes = [{g for g, t in zip(groups, superclass_of) if t == s} for s in ids]
         names = [c.pop() if len(c) == 1 else None for c in codes]
         if None not in groups and (None in names or len(set(names)) != len(names)):
-            raise ValueError(f"{lists}: the superclass ids of supvegfru_*.txt do not match the "
-                             f"file names' v_SS/f_SS codes one to one")
+            raise ValueError(f"{lists}: supvegfru_*.txt ids and v_SS/f_SS names are not one to one")
         superclass_names = [name or f"superclass {s}" for s, name in enumerate(names)]
     elif None in groups:
-        raise ValueError(f"{lists}: no supvegfru_*.txt and file names not like v_SS_CC_NNNN.jpg: "
-                         f"no superclasses")
+        raise ValueError(f"{lists}: no supvegfru_*.txt, no v_SS_CC_NNNN.jpg names: no superclasses")
     else:  # from the file names: vegetable groups, then fruit groups
         superclass_names = sorted(set(groups), key=lambda g: (g[:3] != "veg", g))
         superclass_of = [superclass_names.index(g) for g in groups]
     return (ImageDataset(root, [e for p in parts for e in all_lists[p]], image_size, hflip),
-            Hierarchy([class_of_label[i] for i in range(num_classes)], superclass_names,
-                      superclass_of))
+            Hierarchy([class_of_label[i] for i in range(count)], superclass_names, superclass_of))
 
 
 # -------------------------------------------------------------------------------------------------
-# The toy sets, drawn from a seed: superclasses differ at a glance (shape, colour, background),
-# fine classes subtly (hue shift, stripes, corner marks). 'source' plays ImageNet; 'target' has new
-# fine classes in the source's superclasses and in one new superclass.
-#   toy   12 source and 10 target classes, two ranks: the quick first run (toy.py, at 16 px)
-#   taxa  superclass / genus (stripes) / species (hue shift, marks), 96 source and 120 target
-#         species; a target species combines attributes the source shows, never in its combination
+# The toy sets, drawn from a seed: superclasses differ at a glance (shape, colour, background), fine
+# classes subtly (hue shift, stripes, corner marks); 'target' has new fine classes in the source's
+# superclasses and in one new superclass. toy: 12 source and 10 target classes, two ranks (toy.py's
+# quick first run); taxa: superclass / genus (stripes) / species (hue shift, marks), 96 source and
+# 120 target species, each target species a new combination of the source's attributes.
 
 TOY_VERSION = 1
 TOY_SUPERCLASSES = [  # name, shape, hue, background
@@ -526,7 +504,6 @@ def draw_toy_image(superclass, look, rng, size):
     base = np.array(colorsys.hsv_to_rgb(hue, 0.25, 0.55)) * 255
     canvas = Image.fromarray((base * (0.75 + 0.35 * pattern[..., None])).clip(0, 255)
                              .astype(np.uint8))
-    # the object: a shape with horizontal stripes, pasted through its mask
     (cx, cy), r = S * (0.5 + rng.uniform(-0.08, 0.08, 2)), S * rng.uniform(0.24, 0.3)
     mask = Image.new("L", (S, S))
     draw = ImageDraw.Draw(mask)
@@ -586,8 +563,7 @@ def make_toy_dataset(root, seed=0, image_size=32, images_per_class=32, kind="toy
 DATA_KINDS = ("inat", "vegfru", "folder", "toy", "taxa")  # --data; toy and taxa are drawn
 DATA_PATH_HELP = dict(
     inat=f"expected the iNat 2021 root holding train_mini/ and train_mini.json ({INAT_SOURCE})",
-    vegfru=f"expected the VegFru root holding veg200_images/, fru92_images/ and vegfru_list/ "
-           f"({VEGFRU_SOURCE})",
+    vegfru=f"expected VegFru's root: veg200_images/, fru92_images/, vegfru_list/ ({VEGFRU_SOURCE})",
     folder="expected a folder root/<superclass>/<class>/*.jpg")
 
 
@@ -595,8 +571,7 @@ def data_path_problem(kind, path):
     """Why `path` cannot hold a dataset of `kind`, or None: told before any slow work."""
     if kind in ("toy", "taxa"):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            return (f"the {kind} data path {path!r} is a file; the {kind} set is generated into a "
-                    f"folder (made if missing)")
+            return f"the {kind} path {path!r} is a file; the {kind} set is generated into a folder"
     elif path is None:
         return f"no {kind} data path given; {DATA_PATH_HELP[kind]}"
     elif not os.path.isdir(path):
@@ -604,8 +579,7 @@ def data_path_problem(kind, path):
 
 
 def load_dataset(kind, path, image_size, split=None, hflip=True):
-    """kind in DATA_KINDS -> (ImageDataset, Hierarchy). toy, taxa: path is where to draw it
-    (default cache/toy), split source or target; folder: a split is a subfolder of path."""
+    """kind in DATA_KINDS. toy, taxa: drawn into path (or cache/toy); folder: split, a subfolder."""
     split = split or dict(inat="train_mini", vegfru="train", toy="source", taxa="source").get(kind)
     if problem := data_path_problem(kind, path):
         raise FileNotFoundError(problem)
@@ -625,11 +599,10 @@ def load_dataset(kind, path, image_size, split=None, hflip=True):
 
 
 # -------------------------------------------------------------------------------------------------
-# The latent cache: cache_dir/latents.npy (len, 2, C, h, w) holds for every dataset index the VAE
-# posterior's (mean, std) ALREADY MULTIPLIED BY vae.scaling_factor (float16 by default: half the
-# disk, a rounding far below the posterior's noise); labels.npy; meta.json, what it was built from
-# (a cache that no longer matches is refused) and the skipped images. Rank r encodes images r,
-# r + W, ...; rank 0 preallocates the files and writes meta.json last ("complete").
+# The latent cache: cache_dir/latents.npy (len, 2, C, h, w), per dataset index the VAE posterior's
+# (mean, std) ALREADY MULTIPLIED BY vae.scaling_factor (float16 by default: half the disk, rounding
+# far below the posterior's noise); labels.npy; meta.json: what it was built from (a mismatch is
+# refused), the skipped images. Rank r encodes images r, r + W, ...; rank 0 writes meta.json last.
 
 def read_images(dataset, indices=None, batch_size=64, num_workers=4, rank=0):
     """Decode images in DataLoader workers -> (indices, (B, H, W, 3) uint8) of readable ones."""
@@ -655,8 +628,7 @@ def cache_folder_problem(cache_dir):
 @torch.no_grad()
 def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size=32, num_workers=4,
                        dtype="float16"):
-    """Encode `dataset` (an ImageDataset) once into cache_dir, or reuse a matching cache ->
-    LatentDataset. Every rank calls this (torch.distributed initialized when world_size > 1)."""
+    """ImageDataset -> LatentDataset, encoded once into cache_dir or reused; every rank calls it."""
     meta_path, latents_path = (os.path.join(cache_dir, f) for f in ("meta.json", "latents.npy"))
     wanted = dict(format=2, files=dataset.fingerprint(), num_images=len(dataset.files),
                   image_size=dataset.image_size, hflip=dataset.hflip,
@@ -673,10 +645,9 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     found = read_json(meta_path) if lock and os.path.isfile(meta_path) else {}
     if found.get("complete"):  # (an interrupted build is built again)
         differs = [k for k in wanted if found.get(k) != wanted[k]]
-        was = ", ".join(f"{k}: {found.get(k)!r} there, {wanted[k]!r} now" for k in differs)
-        state = "ready" if not differs else (
-            f"latent cache {cache_dir} is stale: it was built from a different {', '.join(differs)}"
-            f" ({was}): delete it to rebuild it, or give another cache folder")
+        was = ", ".join(f"{k} ({found.get(k)!r} there, {wanted[k]!r} now)" for k in differs)
+        state = "ready" if not differs else (f"latent cache {cache_dir} is stale: it was built from"
+                                             f" a different {was}: delete it or give a new folder")
     if world_size > 1:
         dist.broadcast_object_list(box := [state])
         state = box[0]
@@ -715,9 +686,8 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
     if rank == 0:
         index_of = {str(f): j for j, f in enumerate(dataset.files)}
         report = sorted((index_of[f], f, why) for s in skipped for f, why in s.items())
-        listed = [dict(index=j, file=f, reason=why) for j, f, why in report]
-        meta = dict(wanted, complete=True, skipped=listed)
-        Path(meta_path).write_text(json.dumps(meta, indent=1))
+        skips = [dict(index=j, file=f, reason=why) for j, f, why in report]
+        Path(meta_path).write_text(json.dumps(dict(wanted, complete=True, skipped=skips), indent=1))
         if report:
             print(f"latent cache: skipped {len(report)} unreadable images (listed in {meta_path}): "
                   + "; ".join(f"{f} ({why})" for _, f, why in report[:5]), file=sys.stderr)
@@ -728,9 +698,7 @@ def build_latent_cache(dataset, vae, cache_dir, rank=0, world_size=1, batch_size
 
 
 class LatentDataset(Dataset):
-    """Items ((mean, std), each (C, h, w) float32 already scaled by the VAE's scaling_factor, fine
-    label) of a cache of build_latent_cache; z = mean + std * torch.randn_like(std) samples it."""
-
+    """Items ((mean, std), (C, h, w) float32 scaled already; fine label): z = mean + std * eps."""
     def __init__(self, cache_dir):
         self.meta = read_json(os.path.join(cache_dir, "meta.json"))
         if not self.meta.get("complete"):

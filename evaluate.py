@@ -1,6 +1,5 @@
-"""
-The FineDiffusion paper's measurements (Sec. 4.3 - 4.6): FID overall and per superclass (Table 1)
-with pytorch-fid's Inception and, from the same pass, ADM's sFID, IS, precision and recall; LPIPS
+"""The FineDiffusion paper's measurements (Sec. 4.3-4.6): FID overall and per superclass (Table 1)
+with pytorch-fid's Inception and, in one pass, ADM's sFID, IS, precision and recall; LPIPS
 diversity; the judge, a classifier of real images scoring samples at every rank; t-SNE (Figure 7).
 
     python evaluate.py ref-stats --ref /data/inat2021 --ref-data inat --ref-split val --out ref.npz
@@ -142,7 +141,7 @@ class FIDInceptionV3(Units):
                   InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)]
         for name, block in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), blocks):
             self.add_module(f"Mixed_{name}", block)
-        self.fc = nn.Linear(2048, 1008)  # the TF graph's logits (Inception Score), weight only
+        self.fc = nn.Linear(2048, 1008)  # TF's softmax/logits/MatMul (Inception Score): weight only
 
     def features(self, x):
         """One pass -> pool3 (FID, precision, recall), spatial (sFID), logits (Inception Score)."""
@@ -153,12 +152,10 @@ class FIDInceptionV3(Units):
                 x = block(x)  # ... (N, 288, 35, 35), (N, 768, 17, 17) ... (N, 2048, 8, 8)
             if name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3"):
                 x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73), (N, 192, 35, 35)
-            if name == "Mixed_6d":
-                # sFID's (Nash et al., 2021): 7 channels of TF's `mixed_6/conv`, as (H, W, C)
-                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 17 * 17 * 7 = 2023)
+            if name == "Mixed_6d":  # sFID's (Nash et al., 2021): 7 channels of TF's mixed_6/conv
+                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # as (H, W, C): (N, 2023)
         pool3 = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
-        # the Inception Score's logits, as ADM's: pool3 @ TF's softmax/logits/MatMul (no bias)
-        return pool3, spatial, pool3 @ self.fc.weight.T  # ..., (N, 1008)
+        return pool3, spatial, pool3 @ self.fc.weight.T  # ..., IS's logits as ADM's (N, 1008)
 
     def forward(self, x):
         return self.features(x)[0]  # (N, 2048) pool3
@@ -246,14 +243,14 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); S1 S2 has the eigenvalues of the symmetric
-    PSD S1^(1/2) S2 S1^(1/2): symmetric eigendecompositions, real, fine for rank-deficient S."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) by symmetric eigendecompositions: real, and
+    fine for rank-deficient S."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         return math.nan  # a diverged model's samples: NaN, never the best possible 0
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)  # S1^(1/2), round-off below 0 clipped
     root1 = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
-    middle = root1 @ sigma2 @ root1
+    middle = root1 @ sigma2 @ root1  # symmetric PSD, with the eigenvalues of S1 S2
     tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
     diff = mu1 - mu2
     return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
@@ -288,15 +285,14 @@ def manifold_radii(features, k=NEIGHBOURS, block_entries=BLOCK_ENTRIES):
 def precision_recall(sample_features, reference_features, k=NEIGHBOURS, device="cpu",
                      block_entries=BLOCK_ENTRIES):
     """Features (N, D), (M, D) -> improved (precision, recall) (Kynkäänniemi et al., 2019, Eq.
-    1-3): the fraction of each set inside some k-NN ball of the other (on its sphere too: ADM's)."""
+    1-3): the fraction of each set inside some k-NN ball of the other."""
     samples, reference = (torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device)
                           for f in (sample_features, reference_features))
-    sample_radii, reference_radii = (manifold_radii(f, k, block_entries)
-                                     for f in (samples, reference))
+    sample_radii, ref_radii = (manifold_radii(f, k, block_entries) for f in (samples, reference))
     in_reference = torch.zeros(len(samples), dtype=torch.bool, device=device)
     in_samples = torch.zeros(len(reference), dtype=torch.bool, device=device)
     for rows, d in squared_distance_blocks(samples, reference, block_entries):  # (R, M)
-        in_reference[rows] = (d <= reference_radii).any(dim=1)  # Eq. 1 for the samples
+        in_reference[rows] = (d <= ref_radii).any(dim=1)  # Eq. 1 (on a sphere too: ADM's)
         in_samples |= (d <= sample_radii[rows, None]).any(dim=0)  # and for the reference
     return in_reference.double().mean().item(), in_samples.double().mean().item()  # Eq. 2 and 3
 
@@ -330,15 +326,13 @@ def open_npz(path, required=None):
 
 
 def read_image_npz(path, class_map=None, labels_for=None):
-    """An .npz -> dict(images (N, H, W, 3) uint8 `arr_0`, in memory, labels (required for the reason
-    `labels_for`), superclass_labels, superclass_names, class_names; None where missing)."""
+    """An .npz -> dict(images: arr_0, labels, superclass_labels, _names, class_names; or None)."""
     with open_npz(path, "arr_0") as f:
         data = {key: f.get(key) for key in ("labels", "superclass_labels", "superclass_names",
                                             "class_names")}
         data["images"] = images = f["arr_0"]
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), found {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}, not uint8 (N, H, W, 3)")
     if labels_for and data["labels"] is None:
         raise ValueError(f"{path} has no `labels`: {labels_for}")
     if class_map is not None and data["labels"] is not None:  # the user's map takes precedence
@@ -386,8 +380,7 @@ def set_statistics(features, superclass_labels=None, superclass_names=None):
 
 
 def image_set_statistics(features, superclass_labels=None, superclass_names=None):
-    """An Inception pass's features -> {"fid": set_statistics, "sfid": (mu, sigma), "pool3" in
-    float16 (as ref-stats keeps it and ADM rounds it: an image in both sets is at distance 0)}."""
+    """-> dict(fid=set_statistics, sfid, pool3 in float16 (ADM's: a shared image at 0), logits)."""
     return dict(fid=set_statistics(features["pool3"], superclass_labels, superclass_names),
                 sfid=feature_stats(features["spatial"]), pool3=features["pool3"].astype(np.float16),
                 logits=features["logits"])
@@ -408,11 +401,9 @@ def inception_statistics(image_set, inception, batch_size=50, num_workers=4, dev
 
 
 def save_statistics(path, stats):
-    """-> ref-stats' .npz: names (K,), mu (K, 2048), sigma (K, 2048, 2048) (FID); mu_s, sigma_s
-    (sFID, ADM's names); pool3 (N, 2048) float16. IS needs no reference."""
-    fid = stats["fid"]
-    np.savez(path, names=np.array(list(fid)), mu=np.stack([mu for mu, _ in fid.values()]),
-             sigma=np.stack([sigma for _, sigma in fid.values()]), mu_s=stats["sfid"][0],
+    """ref-stats' .npz: names (K,), mu (K, D), sigma (K, D, D) (FID); mu_s, sigma_s (sFID), pool3"""
+    mu, sigma = (np.stack(moment) for moment in zip(*stats["fid"].values()))
+    np.savez(path, names=np.array(list(stats["fid"])), mu=mu, sigma=sigma, mu_s=stats["sfid"][0],
              sigma_s=stats["sfid"][1], pool3=stats["pool3"])
 
 
@@ -421,8 +412,7 @@ def load_statistics(path):
     if os.path.isfile(path) and str(path).endswith(".npz"):
         with open_npz(path) as f:
             if "mu" in f:
-                fid = {str(name): (mu, sigma)
-                       for name, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
+                fid = {str(n): (mu, sigma) for n, mu, sigma in zip(f["names"], f["mu"], f["sigma"])}
                 return dict(fid=fid, sfid=(f["mu_s"], f["sigma_s"]) if "mu_s" in f else None,
                             pool3=f["pool3"] if "pool3" in f else None)
 
@@ -615,8 +605,7 @@ def tsne(x, perplexity=30.0, iterations=1000, seed=0, device="cpu", progress=Tru
     update, gains = torch.zeros_like(y), torch.ones_like(y)
     learning_rate = max(n / 12.0, 50.0)  # Belkina et al. (2019): N / exaggeration
     for step in tqdm(range(iterations), desc="t-SNE", disable=not progress):
-        kernel = torch.cdist(y, y).square_().add_(1).reciprocal_()  # Student-t, 1 dof (Eq. 4)
-        kernel.fill_diagonal_(0)
+        kernel = torch.cdist(y, y).square_().add_(1).reciprocal_().fill_diagonal_(0)  # Eq. 4
         q = (kernel / kernel.sum()).clamp_min_(1e-12)
         alpha, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
         w = q.neg_().add_(p, alpha=alpha).mul_(kernel)  # (alpha p_ij - q_ij) k_ij
@@ -759,7 +748,6 @@ def parse_args(argv=None):
             p.add_argument(flag, **shared[flag])
         p.set_defaults(run=run, **defaults)
         return p
-
     inception = ("--ref", "--device", "--batch-size", "--class-map", "--inception", "--image-size",
                  "--ref-data", "--ref-split", "--num-workers")
     p = command("ref-stats", run_ref_stats, "Inception statistics of real images", *inception)
@@ -846,10 +834,9 @@ def run_lpips(args):
     if min(images.shape[1:3]) < LPIPS_MIN_SIZE:
         raise ValueError(f"{args.samples}: {images.shape[2]}x{images.shape[1]} px images, and "
                          f"LPIPS's AlexNet needs at least {LPIPS_MIN_SIZE} px: sample larger")
-    lpips = load_lpips(args.lpips_weights, args.device)
-    values = lpips_diversity(lpips, images, labels, samples["superclass_labels"],
-                             samples["superclass_names"], args.pairs_per_class, args.batch_size,
-                             args.seed, args.device)
+    values = lpips_diversity(load_lpips(args.lpips_weights, args.device), images, labels,
+                             samples["superclass_labels"], samples["superclass_names"],
+                             args.pairs_per_class, args.batch_size, args.seed, args.device)
     report({"lpips": values}, args.results, args.method)
 
 
@@ -860,8 +847,7 @@ def run_judge(args):
                                       hflip=False)
     # batches of 64 shifted by up to 2 px, never mirrored: a mirror can be another class (toys)
     rows, images = zip(*read_images(dataset, num_workers=args.num_workers))
-    rows, images = np.concatenate(rows), torch.cat(images).numpy()
-    labels = dataset.labels[rows]
+    labels, images = dataset.labels[np.concatenate(rows)], torch.cat(images).numpy()
     test = held_out(labels)
     num_classes = len(hierarchy.class_names)
     generator = torch.Generator().manual_seed(args.seed)
@@ -941,8 +927,7 @@ def run_score(args):
     by_superclass = {hierarchy.superclass_names[s]: float(correct[superclass_labels == s].mean())
                      for s in np.unique(superclass_labels)}
     real = contents["reference"]
-    reference = {name: (mu.numpy(), sigma.numpy())
-                 for name, mu, sigma in zip(real["names"], real["mu"], real["sigma"])}
+    reference = dict(zip(real["names"], zip(real["mu"].numpy(), real["sigma"].numpy())))
     fd = fid_by_superclass(
         set_statistics(features, superclass_labels, hierarchy.superclass_names), reference)
     spread = within_class_spread(features, labels, len(hierarchy.class_names))

@@ -1,5 +1,4 @@
-"""
-Images of a class from a trained model, with FineDiffusion's superclass guidance (Eq. 1):
+"""Images of a class from a trained model, with FineDiffusion's superclass guidance (Eq. 1):
 
     python sample.py --class 412                      # the newest checkpoint under results/
     python sample.py --list-classes monarch           # ids, names and superclasses that match
@@ -122,8 +121,7 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
         for c in classes:
             found = [dataset.read(j) for j in np.flatnonzero(dataset.labels == c)[:args.n]]
             images += found + [blank] * (args.n - len(found))
-        blocks.append(np.stack(images))
-        titles.append("training images")
+        blocks, titles = [np.stack(images)], ["training images"]
     for guidance in args.guidance:
         torch.manual_seed(args.seed)
         blocks.append(generate(model, vae, labels, args, guidance))
@@ -164,8 +162,7 @@ def sample_bulk(model, vae, hierarchy, args, device, rank, world_size):
             class_names=np.asarray(hierarchy.class_names),
             superclass_names=np.asarray(hierarchy.superclass_names))
         write_atomically(out + ".npz", lambda f: np.savez(f, arr_0=images, labels=labels, **extra))
-        print(f"wrote {args.num_samples} samples ({args.weights} weights) to {out}/ and {out}.npz "
-              f"({images.shape})")
+        print(f"wrote {images.shape} samples ({args.weights} weights) to {out}/ and {out}.npz")
     return out
 
 
@@ -180,8 +177,7 @@ def main(args):
         if not (lines := hierarchy.listing(text)):
             raise ValueError(f"no class of {source} has {text!r} in its name or superclass: try a "
                              f"part of it, or --list-classes alone for every class")
-        print(f"classes of {source}" + (f" matching {text!r}" if text else "") + ":")
-        print("\n".join(lines))
+        print(f"classes of {source}{f' matching {text!r}' if text else ''}:", *lines, sep="\n")
         return None
     if args.num_samples and (args.cls is not None or args.with_data or len(args.guidance) > 1):
         raise ValueError("--num-samples is a bulk run over every class with one --guidance; "

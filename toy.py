@@ -1,4 +1,4 @@
-"""The papers in miniature on a CPU (7 min on 2 cores): a tiny DiT (DiT-T/2, 16 px) pre-trained on
+"""The papers in miniature on a CPU (21 min on 2 cores): a tiny DiT (DiT-T/2, 16 px) pre-trained on
 the toy source split for --base-steps, fine-tuned with --method on the target split (new classes,
 a new superclass), then every class drawn (and Figure 7's t-SNE, if tiered). --table: Table 1 in
 miniature on the toy taxonomy (120 species, 20 genera, 5 superclasses), every method from one base

@@ -416,7 +416,7 @@ def test_latent_cache_is_reused_and_a_stale_one_refused(tmp_path, vae):
     with pytest.raises(ValueError, match=r"stale: it was built from a different image_size \("):
         data.build_latent_cache(resized, vae, cache_dir, num_workers=0)
     unflipped, _ = data.load_dataset("folder", str(tmp_path / "images"), 16, hflip=False)
-    with pytest.raises(ValueError, match=r"stale: it was built from a different hflip \(hflip: True there, False now"):
+    with pytest.raises(ValueError, match=r"stale: it was built from a different hflip \(True there, False now"):
         data.build_latent_cache(unflipped, vae, cache_dir, num_workers=0)
     os.remove(tmp_path / "images" / "sa" / "sac1" / "0.png")
     fewer, _ = data.load_dataset("folder", str(tmp_path / "images"), 16)

@@ -466,11 +466,12 @@ def create_run_folder(results_dir, name):
     while True:
         taken = [int(e.split("-")[0]) for e in os.listdir(results_dir) if e.split("-")[0].isdigit()]
         run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(run_dir)
-            break
-    os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
-    return run_dir
+        except FileExistsError:  # another process took this number: look again
+            continue
+        os.mkdir(os.path.join(run_dir, CHECKPOINTS_DIR))
+        return run_dir
 
 
 def checkpoint_file(run_dir, step):

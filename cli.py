@@ -155,7 +155,8 @@ def by_rank_zero(work):
 
 
 def run(main):
-    """Runs main: ValueError, OSError, SystemExit(text): one line (rank 0), exit 1; Ctrl-C 130."""
+    """Runs main: ValueError, OSError, SystemExit(text): one line (rank 0), exit 1; Ctrl-C 130.
+    Anything else keeps its traceback: that is a bug of ours."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()

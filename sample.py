@@ -121,7 +121,8 @@ def sample_grid(model, vae, hierarchy, checkpoint, args, device):
         for c in classes:
             found = [dataset.read(j) for j in np.flatnonzero(dataset.labels == c)[:args.n]]
             images += found + [blank] * (args.n - len(found))
-        blocks, titles = [np.stack(images)], ["training images"]
+        blocks.append(np.stack(images))
+        titles.append("training images")
     for guidance in args.guidance:
         torch.manual_seed(args.seed)
         blocks.append(generate(model, vae, labels, args, guidance))

@@ -85,5 +85,5 @@ def test_table_1_in_miniature_runs_to_the_end(taxa, tmp_path, monkeypatch, capsy
     assert Image.open(os.path.join(folder, "table.png")).size == Image.open(layout).size
     assert Image.open(os.path.join(folder, "accuracy.png")).size[1] > 30 * len(METHODS)
     said = capsys.readouterr().out
-    assert f"table: run {len(runs)} of {len(runs)} (diffscaler, seed {toy.TABLE_SEEDS[-1]})" in said
+    assert f"table: run {len(runs)} of {len(runs)} ({list(METHODS)[-1]}, seed {toy.TABLE_SEEDS[-1]})" in said
     assert "to go" in said and "judge: reusing" in said
